@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine with Python 3.11 and pip:
+#   bash run.sh demo [hydra overrides...]   set up, then run the embedded default job
+#   bash run.sh test [pytest args...]       set up, then run the whole test suite
+# Both create (or reuse) ./.venv and install the pinned dependencies, torch first.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${AGENTTUNE_VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+setup() {
+  [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  local stamp="$VENV/.agenttune-setup"
+  local want
+  want="$TORCH_SPEC $(cat requirements.txt requirements-dev.txt pyproject.toml | cksum)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[run.sh] installing dependencies into $VENV (first run takes a few minutes)"
+    # torch first and pinned: an unpinned torch pulled in by another package brings multi-GB CUDA wheels.
+    python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+    python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+    python -m pip install -q --disable-pip-version-check --no-deps -e .
+    echo "$want" > "$stamp"
+  fi
+  # Everything stays offline and inside the project: no hub downloads, no API keys.
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+  export HF_HOME="$PWD/.cache/hf" AGENTTUNE_CACHE="$PWD/.cache/agenttune"
+  export TOKENIZERS_PARALLELISM=false
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  demo)
+    setup
+    export WANDB_MODE=${WANDB_MODE:-offline}
+    python -m agenttune.demo "$@"
+    ;;
+  test)
+    setup
+    export WANDB_MODE=disabled
+    python -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh demo [overrides...] | bash run.sh test [pytest args...]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,88 @@
+"""Typed options of the data pipeline. These dataclasses are also the Hydra schema of
+the ``data`` config group (``agenttune.config`` registers them), so each default lives here once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FORMATS = ("auto", "ms_agent", "sharegpt", "openai", "alpaca", "react_messages")
+TRAIN_ON = ("assistant", "last_assistant", "all")
+LOSS_SCALES = ("default", "react", "hermes")
+TRUNCATION = ("drop", "keep_turns")
+ON_ERROR = ("raise", "skip")
+
+
+def _check(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class SupervisionConfig:
+    """What is trained, and how much each token weighs."""
+
+    train_on: str = "assistant"
+    """assistant: every assistant turn; last_assistant: only the final assistant turn
+    (LLaMA-Factory mask_history / ms-swift last_round); all: prompts too (train_on_prompt).
+    Tool observations are never trained unless observation_weight > 0."""
+    loss_scale: str = "default"
+    """default: 1.0 on trained tokens; react: Action/Action Input and the Observation: marker 2.0,
+    Thought/Final Answer 1.0; hermes: <tool_call>...</tool_call> 2.0."""
+    observation_weight: float = 0.0
+    """Weight of tool-result tokens. 0 means never trained."""
+    reasoning_in_history: bool = True
+    """Render reasoning of assistant turns before the last user turn. False drops it (as Qwen3 does)."""
+    max_length: int = 1500
+    """Token budget per sample."""
+    truncation: str = "drop"
+    """drop: discard longer samples; keep_turns: keep the longest prefix of whole turns that fits."""
+
+    def __post_init__(self) -> None:
+        _check("train_on", self.train_on, TRAIN_ON)
+        _check("loss_scale", self.loss_scale, LOSS_SCALES)
+        _check("truncation", self.truncation, TRUNCATION)
+        if self.observation_weight < 0:
+            raise ValueError(f"observation_weight must be >= 0, got {self.observation_weight}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class DatasetSpec:
+    """One input file (or directory of files) and how to read it."""
+
+    path: str = "???"
+    format: str = "auto"
+    """auto-detected from the first record unless set: one of FORMATS."""
+    source: str = "agent"
+    """agent or general: which side of L = λ·L_agent + (1-λ)·L_general its tokens join."""
+    sample: float | None = None
+    """None: use every record once. A number n: draw n records (with replacement when n exceeds
+    the file) so mixes like ms-agent : ms-bench = 1 : 2 are set by counts."""
+
+    def __post_init__(self) -> None:
+        _check("format", self.format, FORMATS)
+        _check("source", self.source, ("agent", "general"))
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    eval_datasets: list[DatasetSpec] = field(default_factory=list)
+    """Explicit eval files. When empty, eval_ratio of the training records is held out."""
+    eval_ratio: float = 0.1
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    on_error: str = "raise"
+    """raise: stop at the first bad records (up to 20 listed); skip: drop them, count them
+    by reason and write them to rejects_file."""
+    rejects_file: str | None = None
+    model_name: str = "agenttune"
+    """Fills {{name}} in self-cognition data."""
+    model_author: str = "agenttune"
+    """Fills {{author}} in self-cognition data."""
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check("on_error", self.on_error, ON_ERROR)
+        if not 0.0 <= self.eval_ratio < 1.0:
+            raise ValueError(f"eval_ratio must be in [0, 1), got {self.eval_ratio}")
