@@ -467,25 +467,24 @@ def read_file(path: str | Path, format: str = "auto", source: str = "agent",
               placeholders: dict[str, str] | None = None) -> Iterator[Conversation | DataError]:
     """Stream a data file as conversations, or DataErrors for records that are wrong.
 
-    The format is ``format`` if given, else detected from the first decodable record.
+    The format is ``format`` if given, else detected from each record's shape.
     """
     if not Path(path).exists():
         raise DataError(str(path), "file not found", "check the dataset path", "missing_file")
     if format != "auto" and format not in READERS:
         raise DataError(str(path), f"unknown format `{format}`", f"choose one of {', '.join(READERS)}",
                         "unknown_format")
-    reader = READERS.get(format)
     for origin, record in iter_records(path):
         if isinstance(record, DataError):
             yield record
             continue
-        if reader is None:
-            detected = detect_format(record)
-            if detected is None:
-                yield DataError(origin, "cannot tell the record's format",
-                                f"set format= to one of {', '.join(READERS)}", "unknown_format")
-                continue
-            reader = READERS[detected]
+        # Auto-detection is per record: cheap, and mixed files then just work.
+        detected = format if format != "auto" else detect_format(record)
+        if detected is None:
+            yield DataError(origin, "cannot tell the record's format",
+                            f"set format= to one of {', '.join(READERS)}", "unknown_format")
+            continue
+        reader = READERS[detected]
         try:
             if not isinstance(record, dict):
                 raise DataError(origin, "a record must be a JSON object", kind="bad_record")

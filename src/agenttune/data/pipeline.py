@@ -1,0 +1,164 @@
+"""Files -> conversations -> tokenized ``datasets.Dataset`` for training and eval.
+
+Errors are never silent: with ``on_error: raise`` the first bad records (up to 20) stop
+the run with ``file:line: reason``; with ``skip`` they are counted by reason and written
+to a rejects file. Samples dropped for length are counted and reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .encode import encode
+from .options import DataConfig, DatasetSpec, SupervisionConfig
+from .readers import read_file
+from .schema import Conversation, DataError
+from .templates import get_template
+
+MAX_LISTED_ERRORS = 20
+SOURCE_IDS = {"agent": 0, "general": 1}
+
+
+class DataErrors(Exception):
+    """Bad records found while loading, listed for the user (at most MAX_LISTED_ERRORS)."""
+
+    def __init__(self, errors: list[DataError], total: int):
+        self.errors, self.total = errors, total
+        lines = [f"{total} bad record(s) in the training data:"] + [f"  {e}" for e in errors]
+        if total > len(errors):
+            lines.append(f"  ... and {total - len(errors)} more")
+        lines.append("Fix them, or set data.on_error=skip to drop them (they are then counted and "
+                     "written to data.rejects_file).")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class LoadReport:
+    records: Counter = field(default_factory=Counter)  # path -> conversations read
+    errors: Counter = field(default_factory=Counter)  # kind -> count
+    dropped: Counter = field(default_factory=Counter)  # reason -> count (length, ...)
+    truncated: int = 0
+    rejects: list[DataError] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"records": dict(self.records), "errors": dict(self.errors), "dropped": dict(self.dropped),
+                "truncated": self.truncated}
+
+
+def resolve_path(path: str) -> list[Path]:
+    """``pkg://data/demo/x.jsonl`` points inside the installed package; a directory means
+    every .json/.jsonl file in it, in sorted order."""
+    if path.startswith("pkg://"):
+        p = Path(str(resources.files("agenttune").joinpath(path[len("pkg://"):])))
+    else:
+        p = Path(path).expanduser()
+    if p.is_dir():
+        return sorted(q for q in p.iterdir() if q.suffix in (".json", ".jsonl"))
+    return [p]
+
+
+def read_spec(spec: DatasetSpec, placeholders: dict[str, str], report: LoadReport,
+              seed: int) -> list[Conversation]:
+    convs: list[Conversation] = []
+    for path in resolve_path(spec.path):
+        for item in read_file(path, spec.format, spec.source, placeholders):
+            if isinstance(item, DataError):
+                report.errors[item.kind] += 1
+                report.rejects.append(item)
+            else:
+                report.records[str(path)] += 1
+                convs.append(item)
+    if spec.sample is not None and convs:
+        rng = random.Random(f"{seed}:{spec.path}")
+        n = int(spec.sample)
+        # Counts set mixes (ms-agent : ms-bench = 1 : 2); upsampling repeats records.
+        convs = rng.sample(convs, n) if n <= len(convs) else [rng.choice(convs) for _ in range(n)]
+    return convs
+
+
+def check_errors(report: LoadReport, on_error: str, rejects_file: str | None) -> None:
+    if not report.rejects:
+        return
+    if on_error == "raise":
+        raise DataErrors(report.rejects[:MAX_LISTED_ERRORS], len(report.rejects))
+    if rejects_file:
+        Path(rejects_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(rejects_file, "w", encoding="utf-8") as f:
+            for e in report.rejects:
+                f.write(json.dumps({"origin": e.origin, "kind": e.kind, "reason": str(e)}, ensure_ascii=False) + "\n")
+
+
+def load_conversations(specs: list[DatasetSpec], data: DataConfig, report: LoadReport) -> list[Conversation]:
+    placeholders = {"name": data.model_name, "author": data.model_author}
+    convs: list[Conversation] = []
+    for spec in specs:
+        convs += read_spec(spec, placeholders, report, data.seed)
+    return convs
+
+
+def encode_all(convs: list[Conversation], tokenizer, template: str, sup: SupervisionConfig,
+               report: LoadReport) -> dict[str, list]:
+    """Tokenize every conversation. Too-long samples are dropped and counted; a sample with
+    no trained token is a data error (never trained silently at zero loss)."""
+    tmpl = get_template(template)
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "weights": [], "source": [], "length": []}
+    for conv in convs:
+        try:
+            enc = encode(conv, tokenizer, tmpl, sup)
+        except DataError as e:
+            if e.kind == "too_long":
+                report.dropped["too_long"] += 1
+            else:
+                report.errors[e.kind] += 1
+                report.rejects.append(e)
+            continue
+        report.truncated += int(enc.truncated)
+        columns["input_ids"].append(enc.input_ids)
+        columns["labels"].append(enc.labels)
+        columns["weights"].append(enc.weights)
+        columns["source"].append(SOURCE_IDS[enc.source])
+        columns["length"].append(len(enc.input_ids))
+    return columns
+
+
+@dataclass
+class DataBundle:
+    train: object  # datasets.Dataset
+    eval: object | None
+    report: dict
+
+
+def build_datasets(data: DataConfig, template: str, tokenizer) -> DataBundle:
+    """Read, validate, split and tokenize. Columns: input_ids, labels (unshifted, -100 where
+    untrained), weights (per-token loss weight), source (0 agent, 1 general), length."""
+    import datasets
+
+    report = LoadReport()
+    train = load_conversations(data.datasets, data, report)
+    evals = load_conversations(data.eval_datasets, data, report)
+    if not data.eval_datasets and data.eval_ratio > 0 and len(train) > 1:
+        rng = random.Random(data.seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_eval = max(1, round(len(train) * data.eval_ratio))
+        held = set(order[:n_eval])
+        evals = [c for i, c in enumerate(train) if i in held]
+        train = [c for i, c in enumerate(train) if i not in held]
+    train_cols = encode_all(train, tokenizer, template, data.supervision, report)
+    eval_cols = encode_all(evals, tokenizer, template, data.supervision, report)
+    check_errors(report, data.on_error, data.rejects_file)
+    if not train_cols["input_ids"]:
+        raise DataErrors([DataError("data", "no training samples are left after reading and filtering",
+                                    "check data.datasets paths and supervision.max_length", "empty")], 1)
+    train_ds = datasets.Dataset.from_dict(train_cols)
+    eval_ds = datasets.Dataset.from_dict(eval_cols) if eval_cols["input_ids"] else None
+    summary = report.as_dict()
+    summary.update(train_samples=len(train_ds), eval_samples=len(eval_ds) if eval_ds is not None else 0,
+                   train_tokens=sum(train_cols["length"]),
+                   trained_tokens=sum(sum(1 for w in ws if w > 0) for ws in train_cols["weights"]))
+    return DataBundle(train_ds, eval_ds, summary)

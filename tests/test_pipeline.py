@@ -1,0 +1,146 @@
+"""Files -> tokenized datasets: splits, sampling, errors (raise / skip), length drops, inspect CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agenttune.data import inspect
+from agenttune.data.options import DataConfig, DatasetSpec, SupervisionConfig
+from agenttune.data.pipeline import DataErrors, build_datasets
+
+AGENT = {"tools": [{"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}],
+         "messages": [{"role": "user", "content": "call f"},
+                      {"role": "assistant", "content": "", "tool_calls": [
+                          {"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                      {"role": "tool", "content": "OBSERVATION-TEXT"},
+                      {"role": "assistant", "content": "done"}]}
+GENERAL = {"instruction": "say hi", "input": "", "output": "hi"}
+
+
+def jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_build_datasets_columns_sources_and_split(tmp_path, tiny_tokenizer):
+    data = DataConfig(datasets=[DatasetSpec(jsonl(tmp_path / "a.jsonl", [AGENT] * 10)),
+                                DatasetSpec(jsonl(tmp_path / "g.jsonl", [GENERAL] * 10), source="general")],
+                      eval_ratio=0.2)
+    bundle = build_datasets(data, "qwen", tiny_tokenizer)
+    assert len(bundle.train) == 16 and len(bundle.eval) == 4
+    assert set(bundle.train.column_names) == {"input_ids", "labels", "weights", "source", "length"}
+    assert sorted(set(bundle.train["source"]) | set(bundle.eval["source"])) == [0, 1]
+    row = bundle.train[0]
+    assert len(row["input_ids"]) == len(row["labels"]) == len(row["weights"]) == row["length"]
+    for ids, labels, weights in zip(bundle.train["input_ids"], bundle.train["labels"], bundle.train["weights"]):
+        assert all((lab == -100) == (w == 0) for lab, w in zip(labels, weights))
+        assert all(lab in (-100, i) for lab, i in zip(labels, ids))
+        trained = tiny_tokenizer.decode([i for i, w in zip(ids, weights) if w > 0])
+        assert "OBSERVATION-TEXT" not in trained and trained
+    assert bundle.report["records"] and bundle.report["train_samples"] == 16
+
+
+def test_sampling_counts_set_the_mix(tmp_path, tiny_tokenizer):
+    data = DataConfig(datasets=[DatasetSpec(jsonl(tmp_path / "a.jsonl", [AGENT] * 3), sample=6),
+                                DatasetSpec(jsonl(tmp_path / "g.jsonl", [GENERAL] * 10), source="general", sample=2)],
+                      eval_ratio=0.0)
+    bundle = build_datasets(data, "chatml", tiny_tokenizer)
+    assert sorted(bundle.train["source"]) == [0] * 6 + [1] * 2
+
+
+def test_explicit_eval_files(tmp_path, tiny_tokenizer):
+    data = DataConfig(datasets=[DatasetSpec(jsonl(tmp_path / "a.jsonl", [AGENT] * 4))],
+                      eval_datasets=[DatasetSpec(jsonl(tmp_path / "e.jsonl", [GENERAL] * 3), source="general")])
+    bundle = build_datasets(data, "qwen", tiny_tokenizer)
+    assert len(bundle.train) == 4 and bundle.eval["source"] == [1, 1, 1]
+
+
+def test_on_error_raise_lists_file_and_line(tmp_path, tiny_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GENERAL) + "\n{broken\n" + json.dumps({"messages": [{"role": "bot"}]}) + "\n")
+    with pytest.raises(DataErrors) as info:
+        build_datasets(DataConfig(datasets=[DatasetSpec(str(path))]), "qwen", tiny_tokenizer)
+    text = str(info.value)
+    assert f"{path}:2: invalid JSON" in text and f"{path}:3: unknown role `bot`" in text
+    assert "data.on_error=skip" in text and info.value.total == 2
+
+
+def test_on_error_raise_stops_listing_at_20(tmp_path, tiny_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GENERAL) + "\n" + "{broken\n" * 30)
+    with pytest.raises(DataErrors) as info:
+        build_datasets(DataConfig(datasets=[DatasetSpec(str(path))]), "qwen", tiny_tokenizer)
+    assert info.value.total == 30 and len(info.value.errors) == 20 and "and 10 more" in str(info.value)
+
+
+def test_on_error_skip_counts_and_writes_rejects(tmp_path, tiny_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    empty = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [GENERAL, GENERAL, empty]) + "{broken\n")
+    rejects = tmp_path / "rejects.jsonl"
+    data = DataConfig(datasets=[DatasetSpec(str(path))], on_error="skip", rejects_file=str(rejects), eval_ratio=0)
+    bundle = build_datasets(data, "qwen", tiny_tokenizer)
+    assert len(bundle.train) == 2
+    assert bundle.report["errors"] == {"empty_assistant": 1, "invalid_json": 1}
+    lines = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert {x["origin"] for x in lines} == {f"{path}:3", f"{path}:4"}
+
+
+def test_no_trained_tokens_is_an_error(tmp_path, tiny_tokenizer):
+    rec = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}
+    data = DataConfig(datasets=[DatasetSpec(jsonl(tmp_path / "z.jsonl", [rec, GENERAL]))], eval_ratio=0)
+    with pytest.raises(DataErrors, match="no_trained_tokens|no trained token"):
+        build_datasets(data, "qwen", tiny_tokenizer)
+
+
+def test_too_long_is_dropped_and_counted(tmp_path, tiny_tokenizer):
+    long = {"instruction": "word " * 400, "input": "", "output": "ok"}
+    data = DataConfig(datasets=[DatasetSpec(jsonl(tmp_path / "l.jsonl", [long, GENERAL, GENERAL]))], eval_ratio=0,
+                      supervision=SupervisionConfig(max_length=64))
+    bundle = build_datasets(data, "qwen", tiny_tokenizer)
+    assert len(bundle.train) == 2 and bundle.report["dropped"] == {"too_long": 1}
+
+
+def test_demo_package_data_loads(tiny_tokenizer):
+    data = DataConfig(datasets=[DatasetSpec("pkg://data/demo/agent_demo.jsonl", format="sharegpt"),
+                                DatasetSpec("pkg://data/demo/general_demo.jsonl", format="alpaca", source="general")])
+    bundle = build_datasets(data, "qwen", tiny_tokenizer)
+    assert len(bundle.train) + len(bundle.eval) == 26
+
+
+# ---------------------------------------------------------------------------- inspect CLI
+
+
+def test_inspect_json_segments_concatenate_to_rendered_text(tmp_path, tiny_tokenizer, capsys):
+    path = jsonl(tmp_path / "a.jsonl", [AGENT, GENERAL])
+    assert inspect.main([path, "--json", "--template", "qwen", "--loss-scale", "hermes"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    text = "".join(s["text"] for s in rows[0]["segments"])
+    assert text.startswith("<|im_start|>system") and "OBSERVATION-TEXT" in text
+    for seg in rows[0]["segments"]:
+        if "OBSERVATION-TEXT" in seg["text"]:
+            assert seg["weight"] == 0
+        if seg["text"].startswith("<tool_call>"):
+            assert seg["weight"] == 2.0
+    assert rows[1]["source"] == "agent"
+
+
+def test_inspect_plain_markers_and_stats(tmp_path, tiny_tokenizer, capsys):
+    path = jsonl(tmp_path / "a.jsonl", [GENERAL])
+    assert inspect.main([path, "--template", "chatml"]) == 0
+    assert "[[w=1|hi<|im_end|>]]" in capsys.readouterr().out
+    assert inspect.main([path, "--stats"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["samples"] == 1 and 0 < stats["trained_fraction"] < 1 and stats["errors"] == {}
+
+
+def test_inspect_exit_code_on_errors(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{broken\n")
+    proc = subprocess.run([sys.executable, "-m", "agenttune.data.inspect", str(path), "--stats"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and f"{path}:1: invalid JSON" in proc.stderr
+    assert '"invalid_json": 1' in proc.stdout
