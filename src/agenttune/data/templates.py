@@ -1,0 +1,791 @@
+"""Chat templates: how a :class:`Conversation` becomes text, one labelled segment at a time.
+
+A template renders a conversation into :class:`Segment` s. Their texts concatenate to
+exactly what the model sees at inference, and each segment says which message it comes
+from and what kind of text it is, so ``encode.py`` can decide per segment what is trained.
+
+Segment kinds:
+
+- ``header``: role headers and template scaffolding (default system prompt, tool listings,
+  ``<tool_response>`` wrappers, the newline after an end-of-turn token). Never trained.
+- ``system`` / ``prompt``: text of system and user messages.
+- ``content`` / ``reasoning`` / ``tool_call``: assistant text, its reasoning and its calls.
+- ``thought`` / ``action`` / ``action_input`` / ``final_answer``: the ReAct lines of an
+  assistant step (``react`` template).
+- ``obs_marker``: the ``Observation:`` keyword the model writes before it stops (``react``).
+- ``observation``: a tool result. Environment output, not model output.
+- ``eot``: the end-of-turn token of a message's turn.
+
+Every template also carries a Jinja ``chat_template`` that renders byte-identical text
+from :func:`to_hf_messages`, so the tokenizer saved with a tuned model formats prompts at
+serving time exactly as they were formatted in training (tests check the parity).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agenttune.data.schema import Conversation, DataError, Message, ToolCall
+
+HEADER = "header"
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    role: str
+    """Role of the turn the text sits in (a header of a user turn has role ``user``)."""
+    kind: str
+    msg_index: int | None
+    """Index into ``conv.messages``; None only for scaffolding that belongs to no message."""
+
+
+class _Segments:
+    """Collects segments, skipping empty text so segment boundaries are real boundaries."""
+
+    def __init__(self) -> None:
+        self.items: list[Segment] = []
+
+    def add(self, text: str, role: str, kind: str, msg_index: int | None = None) -> None:
+        if text:
+            self.items.append(Segment(text, role, kind, msg_index))
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    chat_template: str
+    """Jinja for ``tokenizer.chat_template``; renders the same text as :meth:`render`."""
+    stop_words: tuple[str, ...]
+    """Strings that end a generation step (ReAct stops at ``Observation:`` to run the tool)."""
+    eos_token: str
+    """The token that ends an assistant turn."""
+    _render: Callable[[Conversation, bool], list[Segment]]
+
+    def render(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
+        _check_conversation(conv)
+        return self._render(conv, add_generation_prompt)
+
+    def render_text(self, conv: Conversation, add_generation_prompt: bool = False) -> str:
+        return "".join(s.text for s in self.render(conv, add_generation_prompt))
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _check_conversation(conv: Conversation) -> None:
+    if not conv.messages:
+        raise DataError(conv.origin, "conversation has no messages")
+    for i, m in enumerate(conv.messages):
+        if m.role not in ("system", "user", "assistant", "tool"):
+            raise DataError(conv.origin, f"message {i} has unknown role {m.role!r}",
+                            hint="roles are system, user, assistant, tool")
+
+
+def _tojson(value) -> str:
+    """JSON exactly as the ``tojson`` filter of transformers' chat-template sandbox writes it."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _call_args(call: ToolCall, origin: str):
+    try:
+        return json.loads(call.arguments)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise DataError(origin, f"arguments of tool call {call.name!r} are not valid JSON ({err})",
+                        hint="ToolCall.arguments must hold json.dumps(...) of the arguments") from None
+
+
+def _hf_tools(conv: Conversation) -> list[dict]:
+    return [{"type": "function", "function": tool} for tool in conv.tools]
+
+
+def _think(reasoning: str) -> str:
+    # Qwen3's convention; Qwen2.5 itself has no reasoning slot. Text is kept as written (no stripping).
+    return f"<think>\n{reasoning}\n</think>\n\n"
+
+
+def to_hf_messages(conv: Conversation) -> tuple[list[dict], list[dict] | None]:
+    """OpenAI-style ``(messages, tools)`` for ``tokenizer.apply_chat_template``.
+
+    Reasoning goes under ``reasoning_content``. ``raw`` (message) and ``raw`` (tool call) are
+    passed through when set so the ``react`` chat template can reproduce ms-agent text; other
+    templates ignore them. ``tool_calls`` is present only when there are calls, because Llama
+    3.1's template tests ``'tool_calls' in message``. ``tools`` is None when there are none,
+    because Llama 3.1's template tests ``tools is not none``.
+    """
+    messages = []
+    for m in conv.messages:
+        msg: dict = {"role": m.role, "content": m.content}
+        if m.reasoning:
+            msg["reasoning_content"] = m.reasoning
+        if m.tool_calls:
+            msg["tool_calls"] = [_hf_call(c, conv.origin) for c in m.tool_calls]
+        if m.raw is not None:
+            msg["raw"] = m.raw
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
+        messages.append(msg)
+    return messages, (_hf_tools(conv) or None)
+
+
+def _hf_call(call: ToolCall, origin: str) -> dict:
+    out: dict = {"type": "function", "function": {"name": call.name, "arguments": _call_args(call, origin)}}
+    if call.id is not None:
+        out["id"] = call.id
+    if call.raw is not None:
+        out["raw"] = call.raw
+    return out
+
+
+# ----------------------------------------------------------------------------- qwen (Qwen2.5 + Hermes)
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_QWEN_TOOLS_INTRO = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_QWEN_TOOLS_OUTRO = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def _hermes_call(call: ToolCall, origin: str) -> str:
+    return f'<tool_call>\n{{"name": "{call.name}", "arguments": {_tojson(_call_args(call, origin))}}}\n</tool_call>'
+
+
+def _chatml_assistant(out: _Segments, conv: Conversation, i: int) -> None:
+    """``<|im_start|>assistant\\n`` [reasoning] content [\\n<tool_call>...]* ``<|im_end|>\\n``.
+
+    Byte-identical to Qwen2.5's two assistant branches when there is no reasoning: with calls
+    it writes ``<|im_start|>assistant`` + ``\\n`` + content, and each call opens with ``\\n``,
+    except that the header's newline already stands in front of the first call when there is
+    no content. That is Qwen3's rule too, which also covers reasoning.
+    """
+    m = conv.messages[i]
+    out.add("<|im_start|>assistant\n", "assistant", HEADER, i)
+    if m.reasoning:
+        out.add(_think(m.reasoning), "assistant", "reasoning", i)
+    out.add(m.content, "assistant", "content", i)
+    for k, call in enumerate(m.tool_calls):
+        sep = "\n" if (k > 0 or m.content) else ""
+        out.add(sep + _hermes_call(call, conv.origin), "assistant", "tool_call", i)
+    out.add("<|im_end|>", "assistant", "eot", i)
+    out.add("\n", "assistant", HEADER, i)
+
+
+def _chatml_turn(out: _Segments, m: Message, i: int) -> None:
+    kind = "prompt" if m.role == "user" else "system"
+    out.add(f"<|im_start|>{m.role}\n", m.role, HEADER, i)
+    out.add(m.content, m.role, kind, i)
+    out.add("<|im_end|>", m.role, "eot", i)
+    out.add("\n", m.role, HEADER, i)
+
+
+def _render_qwen(conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+    out = _Segments()
+    msgs = conv.messages
+    has_system = msgs[0].role == "system"
+    sys_index = 0 if has_system else None
+    out.add("<|im_start|>system\n", "system", HEADER, sys_index)
+    if has_system:
+        out.add(msgs[0].content, "system", "system", 0)
+    else:
+        out.add(QWEN_DEFAULT_SYSTEM, "system", HEADER)
+    if conv.tools:
+        listing = "".join("\n" + _tojson(t) for t in _hf_tools(conv))
+        out.add(_QWEN_TOOLS_INTRO + listing + _QWEN_TOOLS_OUTRO, "system", HEADER, sys_index)
+    out.add("<|im_end|>", "system", "eot" if has_system else HEADER, sys_index)
+    out.add("\n", "system", HEADER, sys_index)
+
+    for i in range(1 if has_system else 0, len(msgs)):
+        m = msgs[i]
+        if m.role == "assistant":
+            _chatml_assistant(out, conv, i)
+        elif m.role == "tool":
+            # Consecutive tool results share one user turn, each in its own <tool_response>.
+            if i == 0 or msgs[i - 1].role != "tool":
+                out.add("<|im_start|>user", "tool", HEADER, i)
+            out.add("\n<tool_response>\n", "tool", HEADER, i)
+            out.add(m.content, "tool", "observation", i)
+            out.add("\n</tool_response>", "tool", HEADER, i)
+            if i == len(msgs) - 1 or msgs[i + 1].role != "tool":
+                out.add("<|im_end|>\n", "tool", HEADER, i)
+        else:
+            _chatml_turn(out, m, i)
+    if add_generation_prompt:
+        out.add("<|im_start|>assistant\n", "assistant", HEADER)
+    return out.items
+
+
+# The official Qwen2.5-Instruct template with one addition: an assistant message's
+# ``reasoning_content`` renders as <think>...</think> (Qwen3's convention). Without reasoning
+# the output is byte-identical to the official template (tests/fixtures/chat_templates).
+QWEN_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>assistant\n' }}
+        {%- if message.reasoning_content %}
+            {{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}
+        {%- endif %}
+        {{- message.content }}
+        {%- for tool_call in message.tool_calls | default([]) %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {%- if message.content or not loop.first %}
+                {{- '\n' }}
+            {%- endif %}
+            {{- '<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}
+                {{- tool_call.arguments }}
+            {%- else %}
+                {{- tool_call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+# ----------------------------------------------------------------------------- llama3 (Llama 3.1)
+
+_LLAMA_DATE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+_LLAMA_TOOLS_INTRO = (
+    "Given the following functions, please respond with a JSON for a function call "
+    "with its proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+
+
+def _llama_header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def _render_llama3(conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+    """Llama 3.1's official format, custom tools in the first user message.
+
+    Like the official template (and so like vLLM at serving time) it has no slot for
+    reasoning or for text next to a tool call: both are left out of the rendering. System,
+    user and assistant text is stripped (``| trim``); tool results are JSON-encoded
+    (``| tojson``, because a Jinja string is iterable).
+    """
+    out = _Segments()
+    msgs = conv.messages
+    has_system = msgs[0].role == "system"
+    sys_index = 0 if has_system else None
+    rest = range(1 if has_system else 0, len(msgs))
+
+    out.add("<|begin_of_text|>", "system", HEADER)
+    out.add(_llama_header("system"), "system", HEADER, sys_index)
+    out.add(("Environment: ipython\n" if conv.tools else "") + _LLAMA_DATE, "system", HEADER, sys_index)
+    if has_system:
+        out.add(msgs[0].content.strip(), "system", "system", 0)
+    out.add("<|eot_id|>", "system", "eot" if has_system else HEADER, sys_index)
+
+    if conv.tools:
+        if not rest or msgs[rest[0]].role != "user":
+            raise DataError(conv.origin, "the llama3 template puts tools into the first user message, "
+                            "but the conversation does not start with one (after the system message)")
+        i = rest[0]
+        listing = "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in _hf_tools(conv))
+        out.add(_llama_header("user"), "user", HEADER, i)
+        out.add(_LLAMA_TOOLS_INTRO + listing, "user", HEADER, i)
+        out.add(msgs[i].content.strip(), "user", "prompt", i)
+        out.add("<|eot_id|>", "user", "eot", i)
+        rest = rest[1:]
+
+    for i in rest:
+        m = msgs[i]
+        if m.role == "tool":
+            out.add(_llama_header("ipython"), "tool", HEADER, i)
+            out.add(_tojson(m.content), "tool", "observation", i)
+            out.add("<|eot_id|>", "tool", HEADER, i)
+        elif m.tool_calls:
+            if len(m.tool_calls) != 1:
+                raise DataError(conv.origin, f"message {i} makes {len(m.tool_calls)} parallel tool calls; "
+                                "Llama 3.1's format allows one call per message",
+                                hint="use template=qwen or chatml, or split the calls into separate turns")
+            call = m.tool_calls[0]
+            text = f'{{"name": "{call.name}", "parameters": {_tojson(_call_args(call, conv.origin))}}}'
+            out.add(_llama_header("assistant"), "assistant", HEADER, i)
+            out.add(text, "assistant", "tool_call", i)
+            out.add("<|eot_id|>", "assistant", "eot", i)
+        else:
+            kind = {"assistant": "content", "user": "prompt", "system": "system"}[m.role]
+            out.add(_llama_header(m.role), m.role, HEADER, i)
+            out.add(m.content.strip(), m.role, kind, i)
+            out.add("<|eot_id|>", m.role, "eot", i)
+    if add_generation_prompt:
+        out.add(_llama_header("assistant"), "assistant", HEADER)
+    return out.items
+
+
+# Llama 3.1's official template with the options we never use removed (builtin tools,
+# custom_tools, tools in the system message, date_string) and bos_token written out, so it
+# renders the same with any tokenizer. For our inputs it is byte-identical to the official one.
+LLAMA3_CHAT_TEMPLATE = r"""{{- '<|begin_of_text|>' }}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: 26 Jul 2024\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- if tools is not none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+    {%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+
+# ----------------------------------------------------------------------------- react (ms-agent)
+
+REACT_API_MARKER = "You have access to the following APIs:"
+_REACT_FORMAT = (
+    "\n\nUse the following format:\n\n"
+    "Thought: you should always think about what to do\n"
+    "Action: the action to take, should be one of the above tools[{names}]\n"
+    "Action Input: the input to the action\n"
+    "Observation: the result of the action\n"
+    "... (this Thought/Action/Action Input/Observation can be repeated zero or more times)\n"
+    "Thought: I now know the final answer\n"
+    "Final Answer: the final answer to the original input question\n"
+    "Begin!"
+)
+_REACT_KINDS = {"Thought:": "thought", "Action:": "action", "Action Input:": "action_input",
+                "Final Answer:": "final_answer"}
+_REACT_LINE = re.compile(r"^(Thought:|Action Input:|Action:|Final Answer:|Observation:)", re.MULTILINE)
+
+
+def react_system_prompt(system: str, tools: list[dict]) -> str:
+    """ms-agent's system prompt built from tool schemas, with the user's system text first.
+
+    An API's human-readable name drops underscores, as in ms-agent's own data
+    (``weather_lookup`` -> "the weatherlookup API").
+    """
+    entries = []
+    for n, tool in enumerate(tools, start=1):
+        props = (tool.get("parameters") or {}).get("properties") or {}
+        required = (tool.get("parameters") or {}).get("required") or []
+        params = [{"name": p, "description": spec.get("description", ""),
+                   "required": "True" if p in required else "False"} for p, spec in props.items()]
+        human = tool["name"].replace("_", "")
+        entries.append(f"{n}. {tool['name']}: Call this tool to interact with the {human} API. "
+                       f"What is the {human} API useful for? {tool.get('description') or ''}. "
+                       f"Parameters: {_tojson(params)}")
+    names = ", ".join(t["name"] for t in tools)
+    prompt = ("Answer the following questions as best you can. " + REACT_API_MARKER + "\n"
+              + "\n\n".join(entries) + _REACT_FORMAT.format(names=names))
+    return f"{system}\n\n{prompt}" if system else prompt
+
+
+def split_react(text: str) -> list[tuple[str, str]]:
+    """Cut ReAct text into ``(text, kind)`` pieces at keyword lines.
+
+    A line starting with ``Thought:``, ``Action:``, ``Action Input:`` or ``Final Answer:``
+    opens a section that runs to the next keyword line (so a multi-line Action Input stays
+    one piece). Text before the first keyword is ``content``. An ``Observation:`` line inside
+    assistant text is tool output pasted in: the keyword is ``obs_marker`` and the rest of
+    its section ``observation``, so it is never trained by accident.
+    """
+    pieces: list[tuple[str, str]] = []
+    pos, kind = 0, "content"
+    for match in _REACT_LINE.finditer(text):
+        if match.start() > pos:
+            pieces.append((text[pos : match.start()], kind))
+        keyword = match.group(1)
+        if keyword == "Observation:":
+            pieces.append((keyword, "obs_marker"))
+            pos, kind = match.end(), "observation"
+        else:
+            pos, kind = match.start(), _REACT_KINDS[keyword]
+    if pos < len(text):
+        pieces.append((text[pos:], kind))
+    return pieces
+
+
+def _react_step(m: Message, agent: bool, origin: str) -> str:
+    """An assistant message as ReAct text: ``raw`` verbatim, else synthesized."""
+    if m.raw is not None:
+        return m.raw
+    if m.tool_calls:
+        # In ReAct the words before an action are its thought.
+        thought = m.reasoning or m.content
+        text = f"Thought: {thought}\n" if thought else ""
+        for call in m.tool_calls:
+            if call.raw is not None:
+                text += call.raw
+            else:
+                text += f"Action: {call.name}\nAction Input: {_tojson(_call_args(call, origin))}\n"
+        return text
+    if agent:
+        return f"Thought: {m.reasoning or 'I now know the final answer'}\nFinal Answer: {m.content}"
+    return m.content  # plain chat (ms-bench): no ReAct scaffolding, no reasoning slot
+
+
+def _render_react(conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+    """ms-agent ReAct inside ChatML.
+
+    One assistant turn spans a run of assistant/tool messages: each tool message renders
+    ``Observation:`` (written by the model, part of its turn) and then the result. A turn that
+    ends on a tool result is closed with an untrained ``<|im_end|>``, except at the end of a
+    generation prompt, where it stays open so the model continues after the observation.
+
+    Readers keep ms-agent records byte-exact by cutting each assistant value at every
+    ``Observation:``: an assistant message's ``raw`` is the text up to (not including) the
+    keyword, the following tool message's ``raw`` is the text after it up to the next
+    ``Thought:``/``Action:``/``Final Answer:`` line (usually ``" {...}\\n"``). The pieces
+    concatenated with the keyword between them are the original value.
+    """
+    out = _Segments()
+    msgs = conv.messages
+    has_system = msgs[0].role == "system"
+    system = msgs[0].content if has_system else ""
+    agent = bool(conv.tools) or REACT_API_MARKER in system
+    sys_index = 0 if has_system else None
+    if conv.tools and REACT_API_MARKER not in system:
+        out.add("<|im_start|>system\n", "system", HEADER, sys_index)
+        out.add(system, "system", "system", sys_index)
+        prompt = react_system_prompt(system, conv.tools)
+        out.add(prompt[len(system) :], "system", HEADER, sys_index)
+        out.add("<|im_end|>", "system", "eot" if has_system else HEADER, sys_index)
+        out.add("\n", "system", HEADER, sys_index)
+    elif system:
+        _chatml_turn(out, msgs[0], 0)
+
+    i = 1 if has_system else 0
+    while i < len(msgs):
+        if msgs[i].role in ("user", "system"):
+            _chatml_turn(out, msgs[i], i)
+            i += 1
+            continue
+        end = i
+        while end < len(msgs) and msgs[end].role in ("assistant", "tool"):
+            end += 1
+        _react_turn(out, conv, i, end, agent, open_end=add_generation_prompt and end == len(msgs))
+        i = end
+    if add_generation_prompt and msgs[-1].role != "tool":
+        out.add("<|im_start|>assistant\n", "assistant", HEADER)
+    return out.items
+
+
+def _react_turn(out: _Segments, conv: Conversation, start: int, end: int, agent: bool, open_end: bool) -> None:
+    msgs = conv.messages
+    out.add("<|im_start|>assistant\n", "assistant", HEADER, start)
+    speaker = start  # the assistant message whose step an Observation: marker ends
+    for k in range(start, end):
+        m = msgs[k]
+        if m.role == "assistant":
+            speaker = k
+            for text, kind in split_react(_react_step(m, agent, conv.origin)):
+                out.add(text, "assistant", kind, k)
+        else:
+            out.add("Observation:", "assistant", "obs_marker", speaker)
+            out.add(m.raw if m.raw is not None else f" {m.content}\n", "tool", "observation", k)
+    last = end - 1
+    if msgs[last].role == "assistant":
+        out.add("<|im_end|>", "assistant", "eot", last)
+        out.add("\n", "assistant", HEADER, last)
+    elif not open_end:
+        out.add("<|im_end|>\n", "assistant", HEADER, last)
+
+
+REACT_CHAT_TEMPLATE = r"""{%- set api_marker = 'You have access to the following APIs:' %}
+{%- set has_system = messages and messages[0].role == 'system' %}
+{%- set system = messages[0].content if has_system else '' %}
+{%- set agent = tools or api_marker in system %}
+{%- if tools and api_marker not in system %}
+    {{- '<|im_start|>system\n' }}
+    {%- if system %}
+        {{- system + '\n\n' }}
+    {%- endif %}
+    {{- 'Answer the following questions as best you can. You have access to the following APIs:\n' }}
+    {%- for tool in tools %}
+        {%- set fn = tool.function %}
+        {%- set human = fn.name | replace('_', '') %}
+        {%- if not loop.first %}
+            {{- '\n\n' }}
+        {%- endif %}
+        {{- loop.index | string + '. ' + fn.name + ': Call this tool to interact with the ' + human + ' API. ' }}
+        {{- 'What is the ' + human + ' API useful for? ' + (fn.description or '') + '. Parameters: [' }}
+        {%- set params = fn.parameters or {} %}
+        {%- set required = params.required or [] %}
+        {%- for pname, spec in (params.properties or {}) | items %}
+            {%- if not loop.first %}
+                {{- ', ' }}
+            {%- endif %}
+            {{- '{"name": ' + pname | tojson + ', "description": ' + spec.description | default('') | tojson }}
+            {{- ', "required": "' + ('True' if pname in required else 'False') + '"}' }}
+        {%- endfor %}
+        {{- ']' }}
+    {%- endfor %}
+    {{- '\n\nUse the following format:\n\nThought: you should always think about what to do\n' }}
+    {{- 'Action: the action to take, should be one of the above tools[' + tools | map(attribute='function.name') | join(', ') + ']\n' }}
+    {{- 'Action Input: the input to the action\nObservation: the result of the action\n' }}
+    {{- '... (this Thought/Action/Action Input/Observation can be repeated zero or more times)\n' }}
+    {{- 'Thought: I now know the final answer\nFinal Answer: the final answer to the original input question\nBegin!<|im_end|>\n' }}
+{%- elif system %}
+    {{- '<|im_start|>system\n' + system + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role in ['user', 'system'] %}
+        {%- if not (loop.first and message.role == 'system') %}
+            {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {%- if loop.first or messages[loop.index0 - 1].role not in ['assistant', 'tool'] %}
+            {{- '<|im_start|>assistant\n' }}
+        {%- endif %}
+        {%- if message.role == 'tool' %}
+            {{- 'Observation:' }}
+            {%- if message.raw is defined and message.raw is not none %}
+                {{- message.raw }}
+            {%- else %}
+                {{- ' ' + message.content + '\n' }}
+            {%- endif %}
+        {%- elif message.raw is defined and message.raw is not none %}
+            {{- message.raw }}
+        {%- elif message.tool_calls %}
+            {%- set thought = message.reasoning_content or message.content %}
+            {%- if thought %}
+                {{- 'Thought: ' + thought + '\n' }}
+            {%- endif %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if tool_call.raw is defined and tool_call.raw is not none %}
+                    {{- tool_call.raw }}
+                {%- else %}
+                    {{- 'Action: ' + tool_call.function.name + '\nAction Input: ' }}
+                    {%- if tool_call.function.arguments is string %}
+                        {{- tool_call.function.arguments }}
+                    {%- else %}
+                        {{- tool_call.function.arguments | tojson }}
+                    {%- endif %}
+                    {{- '\n' }}
+                {%- endif %}
+            {%- endfor %}
+        {%- elif agent %}
+            {{- 'Thought: ' + (message.reasoning_content or 'I now know the final answer') + '\nFinal Answer: ' + message.content }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {%- if loop.last or messages[loop.index0 + 1].role not in ['assistant', 'tool'] %}
+            {%- if message.role == 'assistant' or not (loop.last and add_generation_prompt) %}
+                {{- '<|im_end|>\n' }}
+            {%- endif %}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt and not (messages and messages[-1].role == 'tool') %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+# ----------------------------------------------------------------------------- chatml (plain)
+
+_CHATML_TOOLS_INTRO = (
+    "# Tools\n\nYou can call the functions below. To call one, reply with a JSON object inside "
+    '<tool_call></tool_call> tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>\n\nFunctions (JSON schemas):"
+)
+
+
+def _render_chatml(conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+    """Plain ChatML. Tools are listed as JSON in the system turn, calls are Hermes
+    ``<tool_call>`` blocks, and each tool result is its own ``tool`` turn."""
+    out = _Segments()
+    msgs = conv.messages
+    has_system = msgs[0].role == "system"
+    sys_index = 0 if has_system else None
+    if has_system or conv.tools:
+        system = msgs[0].content if has_system else ""
+        out.add("<|im_start|>system\n", "system", HEADER, sys_index)
+        out.add(system, "system", "system", sys_index)
+        if conv.tools:
+            listing = "".join("\n" + _tojson(t) for t in _hf_tools(conv))
+            out.add(("\n\n" if system else "") + _CHATML_TOOLS_INTRO + listing, "system", HEADER, sys_index)
+        out.add("<|im_end|>", "system", "eot" if has_system else HEADER, sys_index)
+        out.add("\n", "system", HEADER, sys_index)
+
+    for i in range(1 if has_system else 0, len(msgs)):
+        m = msgs[i]
+        if m.role == "assistant":
+            _chatml_assistant(out, conv, i)
+        elif m.role == "tool":
+            out.add("<|im_start|>tool\n", "tool", HEADER, i)
+            out.add(m.content, "tool", "observation", i)
+            out.add("<|im_end|>\n", "tool", HEADER, i)
+        else:
+            _chatml_turn(out, m, i)
+    if add_generation_prompt:
+        out.add("<|im_start|>assistant\n", "assistant", HEADER)
+    return out.items
+
+
+CHATML_CHAT_TEMPLATE = r"""{%- set has_system = messages and messages[0].role == 'system' %}
+{%- if has_system or tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if has_system %}
+        {{- messages[0].content }}
+    {%- endif %}
+    {%- if tools %}
+        {%- if has_system and messages[0].content %}
+            {{- '\n\n' }}
+        {%- endif %}
+        {{- '# Tools\n\nYou can call the functions below. To call one, reply with a JSON object inside <tool_call></tool_call> tags:\n' }}
+        {{- '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n\nFunctions (JSON schemas):' }}
+        {%- for tool in tools %}
+            {{- '\n' }}
+            {{- tool | tojson }}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if loop.first and message.role == 'system' %}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\n' }}
+        {%- if message.reasoning_content %}
+            {{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}
+        {%- endif %}
+        {{- message.content }}
+        {%- for tool_call in message.tool_calls | default([]) %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {%- if message.content or not loop.first %}
+                {{- '\n' }}
+            {%- endif %}
+            {{- '<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}
+                {{- tool_call.arguments }}
+            {%- else %}
+                {{- tool_call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+# ----------------------------------------------------------------------------- registry
+
+TEMPLATES: dict[str, Template] = {
+    "qwen": Template("qwen", QWEN_CHAT_TEMPLATE, ("</tool_call>", "<|im_end|>"), "<|im_end|>", _render_qwen),
+    "llama3": Template("llama3", LLAMA3_CHAT_TEMPLATE, ("<|eot_id|>", "<|eom_id|>"), "<|eot_id|>", _render_llama3),
+    "react": Template("react", REACT_CHAT_TEMPLATE, ("Observation:",), "<|im_end|>", _render_react),
+    "chatml": Template("chatml", CHATML_CHAT_TEMPLATE, ("</tool_call>", "<|im_end|>"), "<|im_end|>", _render_chatml),
+}
+
+
+def get_template(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown chat template {name!r}; valid names: {', '.join(TEMPLATES)}") from None
