@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .encode import encode
+from .encode import encode_batch
 from .options import DataConfig, DatasetSpec, SupervisionConfig
 from .readers import read_file
 from .schema import Conversation, DataError
@@ -102,27 +102,26 @@ def load_conversations(specs: list[DatasetSpec], data: DataConfig, report: LoadR
 
 
 def encode_all(convs: list[Conversation], tokenizer, template: str, sup: SupervisionConfig,
-               report: LoadReport) -> dict[str, list]:
+               report: LoadReport, batch_size: int = 256) -> dict[str, list]:
     """Tokenize every conversation. Too-long samples are dropped and counted; a sample with
     no trained token is a data error (never trained silently at zero loss)."""
     tmpl = get_template(template)
     columns: dict[str, list] = {"input_ids": [], "labels": [], "weights": [], "source": [], "length": []}
-    for conv in convs:
-        try:
-            enc = encode(conv, tokenizer, tmpl, sup)
-        except DataError as e:
-            if e.kind == "too_long":
-                report.dropped["too_long"] += 1
-            else:
-                report.errors[e.kind] += 1
-                report.rejects.append(e)
-            continue
-        report.truncated += int(enc.truncated)
-        columns["input_ids"].append(enc.input_ids)
-        columns["labels"].append(enc.labels)
-        columns["weights"].append(enc.weights)
-        columns["source"].append(SOURCE_IDS[enc.source])
-        columns["length"].append(len(enc.input_ids))
+    for lo in range(0, len(convs), batch_size):
+        for enc in encode_batch(convs[lo : lo + batch_size], tokenizer, tmpl, sup):
+            if isinstance(enc, DataError):
+                if enc.kind == "too_long":
+                    report.dropped["too_long"] += 1
+                else:
+                    report.errors[enc.kind] += 1
+                    report.rejects.append(enc)
+                continue
+            report.truncated += int(enc.truncated)
+            columns["input_ids"].append(enc.input_ids)
+            columns["labels"].append(enc.labels)
+            columns["weights"].append(enc.weights)
+            columns["source"].append(SOURCE_IDS[enc.source])
+            columns["length"].append(len(enc.input_ids))
     return columns
 
 
