@@ -36,7 +36,10 @@ case "$cmd" in
   demo)
     setup
     export WANDB_MODE=${WANDB_MODE:-offline}
-    python -m agenttune.demo "$@"
+    # 1. What the model will learn from: one demo sample, trained spans marked with their weights.
+    python -m agenttune.data.inspect src/agenttune/data/demo/agent_demo.jsonl --index 12 --loss-scale hermes
+    # 2. Train the default (tiny model, demo data, LoRA, CPU) into a fresh run directory.
+    python train.py output_dir="outputs/demo/$(date +%Y%m%d-%H%M%S)" "$@"
     ;;
   test)
     setup

@@ -107,3 +107,21 @@ def test_reasoning_parts_read():
     assert not errors and len(convs) == 50
     assert sum(1 for c in convs for m in c.messages if m.reasoning) >= 50
     assert sum(1 for c in convs for m in c.messages if m.tool_calls) > 20
+
+
+def test_fireact_messages_render_to_the_alpaca_trace():
+    """The two FireAct files hold the same trajectories; rendered with `react`, the messages
+    form must contain the alpaca form's trace verbatim (observations re-inlined)."""
+    messages, _ = read_all(CORPORA / "fireact" / "hotpotqa_messages.jsonl")
+    alpaca, _ = read_all(CORPORA / "fireact" / "hotpotqa_alpaca.json")
+    template = get_template("react")
+    by_question = {c.messages[0].content: c for c in alpaca}
+    matched = 0
+    for conv in messages:
+        twin = by_question.get(conv.messages[0].content)
+        if twin is None:
+            continue
+        trace = "".join(m.raw if m.role == "assistant" else "Observation:" + m.raw for m in twin.messages[1:])
+        assert f"<|im_start|>assistant\n{trace}<|im_end|>" in template.render_text(conv), conv.origin
+        matched += 1
+    assert matched >= 400

@@ -241,3 +241,22 @@ def test_bad_weight(tmp_path):
     err = read_error(tmp_path, {"messages": [{"role": "user", "content": "x"},
                                              {"role": "assistant", "content": "y", "weight": -1}]})
     assert err.kind == "bad_record" and "`weight`" in str(err)
+
+
+# ---------------------------------------------------------------------------- reader -> template
+
+
+def test_ms_agent_record_renders_byte_for_byte_with_react(tmp_path, tiny_tokenizer):
+    """Training text = the record's own text inside ChatML, so what the model learns is what it
+    emits at inference (plus the observations the runner appends)."""
+    from agenttune.data.templates import get_template
+
+    turns = [{"from": "system", "value": MS_SYSTEM}, {"from": "user", "value": "Rain in Hangzhou?"},
+             {"from": "assistant", "value": MS_ASSISTANT}, {"from": "user", "value": "Thanks!"},
+             {"from": "assistant", "value": "You're welcome."}]
+    conv = read_one(tmp_path, {"conversations": turns})
+    text = get_template("react").render_text(conv)
+    expected = "".join(f"<|im_start|>{t['from']}\n{t['value']}<|im_end|>\n" for t in turns)
+    assert text == expected
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
