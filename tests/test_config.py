@@ -1,0 +1,130 @@
+"""The Hydra config tree: every group composes, defaults are the seed recipe's, and a bad
+key or value fails at start naming the key."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from agenttune.config import Config, ConfigError, TrainConfig, to_config
+from test_train_support import CONF_DIR, ROOT, TRAIN_PY, compose, env
+
+GROUPS = ("model", "data", "tuner", "hardware")
+OPTIONS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) for group in GROUPS}
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def test_the_groups_the_issue_names_exist():
+    assert {"tiny", "smollm2_135m", "qwen7b", "qwen2_5_0_5b", "llama3_8b"} <= set(OPTIONS["model"])
+    assert {"demo", "ms_agent_mix", "sharegpt_tools", "fireact"} <= set(OPTIONS["data"])
+    assert {"lora", "qlora", "dora", "full"} <= set(OPTIONS["tuner"])
+    assert {"cpu", "1gpu", "8gpu", "zero2", "zero3", "fsdp", "multinode"} <= set(OPTIONS["hardware"])
+
+
+def test_every_combination_of_groups_composes():
+    """Hydra composes each group option (and each experiment); every one of the
+    model x data x tuner x hardware combinations then builds a valid typed Config."""
+    nodes = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for group, options in OPTIONS.items():
+            for option in options:
+                cfg = hydra_compose("train", overrides=[f"{group}={option}"])
+                typed = getattr(to_config(cfg), group)
+                assert typed.datasets if group == "data" else typed.name == option  # each file names itself
+                nodes[group, option] = cfg[group]
+        for experiment in EXPERIMENTS:
+            to_config(hydra_compose("train", overrides=[f"experiment={experiment}"]))
+    schema = OmegaConf.structured(Config)
+    combos = list(itertools.product(*OPTIONS.values()))
+    for combo in combos:
+        cfg = to_config(OmegaConf.merge(schema, {g: nodes[g, o] for g, o in zip(GROUPS, combo)}))
+        assert cfg.output_dir == f"outputs/{cfg.model.name}-{cfg.tuner.name}"
+    assert len(combos) == 5 * 4 * 4 * 7
+
+
+def test_defaults_follow_the_seed_recipe():
+    cfg = compose([])
+    assert (cfg.model.name, cfg.tuner.name, cfg.hardware.name) == ("tiny", "lora", "cpu")
+    assert [d.path for d in cfg.data.datasets] == ["pkg://data/demo/agent_demo.jsonl", "pkg://data/demo/general_demo.jsonl"]
+    t = cfg.train
+    assert (t.lr, t.epochs, t.micro_batch_size, t.global_batch_size) == (5e-5, 2.0, 2, 32)
+    assert (t.weight_decay, t.max_grad_norm, t.warmup_ratio, t.scheduler) == (0.1, 0.5, 0.03, "cosine")
+    assert (t.eval_steps, t.save_steps, t.save_total_limit) == (100, 100, 2)
+    assert cfg.data.supervision.max_length == 1500
+    assert (cfg.tuner.r, cfg.tuner.alpha, cfg.tuner.dropout, cfg.tuner.target_modules) == (8, 32, 0.05, "all-linear")
+    assert cfg.model.trust_remote_code is False
+    assert cfg.resume is None
+
+
+def test_the_names_our_checks_use():
+    cfg = compose(["output_dir=/tmp/x", "train.max_steps=7", "loss.lambda_agent=0.7", "resume=auto"])
+    assert (cfg.output_dir, cfg.train.max_steps, cfg.loss.lambda_agent, cfg.resume) == ("/tmp/x", 7, 0.7, "auto")
+
+
+def test_ms_agent_mix_is_one_to_two_plus_self_cognition():
+    data = compose(["data=ms_agent_mix"]).data
+    by_source = [(d.source, d.format, d.sample) for d in data.datasets]
+    assert by_source == [("agent", "ms_agent", 30000), ("general", "ms_agent", 60000), ("general", "alpaca", 3000)]
+    overridden = compose(["data=ms_agent_mix", "data.datasets.0.path=/data/ms.jsonl", "data.model_name=Kaka"]).data
+    assert overridden.datasets[0].path == "/data/ms.jsonl" and overridden.model_name == "Kaka"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.foo=1", "model.foo"),
+        ("train.lr=fast", "train.lr"),
+    ],
+)
+def test_unknown_key_or_wrong_type_fails_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose([override])
+    assert key in str(error.value) + str(error.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.global_batch_size=5", "train.global_batch_size"),
+        ("loss.lambda_agent=1.5", "loss.lambda_agent"),
+        ("tuner.name=prefix", "tuner.name"),
+        ("hardware.mixed_precision=fp8", "hardware.mixed_precision"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite"),
+        ("wandb.mode=loud", "wandb.mode"),
+        ("model.template=vicuna", "model.template"),
+        ("data.datasets.0.source=tools", "data"),
+        ("data.eval_ratio=1.5", "data"),
+        ("+train.warmup=3", "train.warmup"),  # `+` gets past Hydra's struct check, not past ours
+        ("+data.datasets.0.weight=2", "data.datasets.0.weight"),
+        ("+lr=1", "lr"),
+    ],
+)
+def test_bad_value_fails_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        compose([override])
+    assert str(error.value).startswith(key)
+
+
+def test_accumulation_is_derived_from_world_size():
+    t = TrainConfig(micro_batch_size=2, global_batch_size=32)
+    assert [t.accumulation_steps(w) for w in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        t.accumulation_steps(3)
+    assert t.total_steps(100) == 7  # ceil(2 epochs * 100 / 32)
+    assert TrainConfig(max_steps=5).total_steps(100) == 5
+
+
+def test_train_py_stops_at_start_naming_the_bad_key(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "train.micro_batch_size=0", f"output_dir={tmp_path / 'o'}"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "train.micro_batch_size: must be >= 1, got 0" in proc.stderr
+    assert not (tmp_path / "o" / "checkpoints").exists()

