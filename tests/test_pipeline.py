@@ -144,3 +144,19 @@ def test_inspect_exit_code_on_errors(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and f"{path}:1: invalid JSON" in proc.stderr
     assert '"invalid_json": 1' in proc.stdout
+
+
+def test_inspect_with_a_tokenizer_path_and_options(tmp_path, capsys):
+    from agenttune.tiny import tiny_tokenizer_dir
+
+    path = jsonl(tmp_path / "a.jsonl", [AGENT])
+    args = [path, "--tokenizer", str(tiny_tokenizer_dir()), "--template", "react", "--loss-scale", "react",
+            "--train-on", "last_assistant", "--max-length", "4096", "--index", "0", "--json"]
+    assert inspect.main(args) == 0
+    (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    trained = "".join(s["text"] for s in row["segments"] if s["weight"] > 0)
+    # last_assistant: the Action turn and the final answer follow the only user turn, so both train
+    assert "Action: f" in trained and "done" in trained and "OBSERVATION-TEXT" not in trained
+    assert {s["weight"] for s in row["segments"]} >= {0.0, 1.0, 2.0}
+    assert inspect.main([path, "--max-length", "16", "--stats"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped_too_long"] == 1

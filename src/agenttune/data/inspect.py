@@ -154,4 +154,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `inspect FILE --json | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        sys.exit(0)
