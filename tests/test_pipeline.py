@@ -160,3 +160,21 @@ def test_inspect_with_a_tokenizer_path_and_options(tmp_path, capsys):
     assert {s["weight"] for s in row["segments"]} >= {0.0, 1.0, 2.0}
     assert inspect.main([path, "--max-length", "16", "--stats"]) == 0
     assert json.loads(capsys.readouterr().out)["dropped_too_long"] == 1
+
+
+def test_tokenized_datasets_are_cached_and_invalidated(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("AGENTTUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "a.jsonl"
+    jsonl(path, [AGENT] * 4 + [GENERAL] * 4)
+    data = DataConfig(datasets=[DatasetSpec(str(path))], eval_ratio=0.25)
+    first = build_datasets(data, "qwen", tiny_tokenizer)
+    assert "cache" not in first.report
+    second = build_datasets(data, "qwen", tiny_tokenizer)
+    assert second.report["cache"].startswith(str(tmp_path / "cache"))
+    assert second.train["input_ids"] == first.train["input_ids"] and second.eval["weights"] == first.eval["weights"]
+    # a different template, or an edited file, is a different key
+    assert "cache" not in build_datasets(data, "chatml", tiny_tokenizer).report
+    jsonl(path, [AGENT] * 4 + [GENERAL] * 5)
+    assert len(build_datasets(data, "qwen", tiny_tokenizer).train) == 7
+    off = build_datasets(DataConfig(datasets=[DatasetSpec(str(path))], cache=False), "qwen", tiny_tokenizer)
+    assert "cache" not in off.report

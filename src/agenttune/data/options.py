@@ -81,6 +81,9 @@ class DataConfig:
     model_author: str = "agenttune"
     """Fills {{author}} in self-cognition data."""
     seed: int = 42
+    cache: bool = True
+    """Save the tokenized datasets under $AGENTTUNE_CACHE/datasets and reuse them while the
+    files, this config, the tokenizer and the pipeline code are unchanged."""
 
     def __post_init__(self) -> None:
         _check("on_error", self.on_error, ON_ERROR)

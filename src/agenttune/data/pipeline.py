@@ -7,8 +7,13 @@ to a rejects file. Samples dropped for length are counted and reported too.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import random
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -132,10 +137,40 @@ class DataBundle:
     report: dict
 
 
+def cache_key(data: DataConfig, template: str, tokenizer) -> str:
+    """Everything the tokenized datasets depend on: the data config, every input file's
+    identity (path, size, mtime), the tokenizer, the template, and the pipeline's own source
+    code (so a change to a reader or template never serves stale samples)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(data), sort_keys=True, default=str).encode())
+    h.update(template.encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    for spec in [*data.datasets, *data.eval_datasets]:
+        for path in resolve_path(spec.path):
+            st = path.stat() if path.exists() else None
+            h.update(f"{path.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(module.read_bytes())
+    return h.hexdigest()[:24]
+
+
 def build_datasets(data: DataConfig, template: str, tokenizer) -> DataBundle:
     """Read, validate, split and tokenize. Columns: input_ids, labels (unshifted, -100 where
-    untrained), weights (per-token loss weight), source (0 agent, 1 general), length."""
+    untrained), weights (per-token loss weight), source (0 agent, 1 general), length.
+
+    With ``data.cache`` the result is saved under ``$AGENTTUNE_CACHE/datasets/<key>`` (Arrow,
+    via ``datasets.save_to_disk``) and reused while nothing it depends on changes: under
+    ``accelerate launch`` rank 0 builds it and the other ranks load it instead of re-tokenizing.
+    """
     import datasets
+
+    from ..tiny import cache_dir
+
+    target = cache_dir() / "datasets" / cache_key(data, template, tokenizer) if data.cache else None
+    if target is not None and (target / "report.json").exists():
+        report = json.loads((target / "report.json").read_text())
+        eval_ds = datasets.load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
+        return DataBundle(datasets.load_from_disk(str(target / "train")), eval_ds, {**report, "cache": str(target)})
 
     report = LoadReport()
     train = load_conversations(data.datasets, data, report)
@@ -160,4 +195,21 @@ def build_datasets(data: DataConfig, template: str, tokenizer) -> DataBundle:
     summary.update(train_samples=len(train_ds), eval_samples=len(eval_ds) if eval_ds is not None else 0,
                    train_tokens=sum(train_cols["length"]),
                    trained_tokens=sum(sum(1 for w in ws if w > 0) for ws in train_cols["weights"]))
+    if target is not None:
+        save_bundle(target, train_ds, eval_ds, summary)
     return DataBundle(train_ds, eval_ds, summary)
+
+
+def save_bundle(target: Path, train_ds, eval_ds, summary: dict) -> None:
+    """Write to a temp dir and rename: a killed run never leaves a half-written cache entry
+    that a later run would load (report.json, written last, marks it complete)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    train_ds.save_to_disk(str(tmp / "train"))
+    if eval_ds is not None:
+        eval_ds.save_to_disk(str(tmp / "eval"))
+    (tmp / "report.json").write_text(json.dumps(summary, default=str))
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process saved the same key first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
