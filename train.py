@@ -4,6 +4,7 @@
     accelerate launch train.py model=qwen7b tuner=lora hardware=8gpu
     python train.py output_dir=runs/a train.max_steps=50 loss.lambda_agent=0.5
     python train.py output_dir=runs/a resume=auto                 # continue after a crash
+    sbatch launch/slurm_1node.sbatch output_dir=runs/a            # Slurm; SIGUSR1 -> checkpoint, exit 85, requeue
 
 The config schema and its defaults are agenttune/config.py; conf/ holds the groups.
 Reading order: setup (accelerator, data, model, optimizer, resume) -> loop -> final save.
@@ -31,10 +32,13 @@ from agenttune.training import (
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    catch_preemption,
     check_finite,
     clean_incomplete,
     clip_gradients,
     evaluate,
+    exit_for_requeue,
+    export_submitit_env,
     find_checkpoint,
     forward_backward,
     init_wandb,
@@ -43,6 +47,7 @@ from agenttune.training import (
     micro_batches,
     peak_memory_gb,
     plot_losses,
+    preemption_agreed,
     save_checkpoint,
     save_final,
     truncate_metrics,
@@ -54,6 +59,7 @@ log = get_logger("train")  # logs on rank 0 only
 def train(cfg: Config) -> TrainState:
     # ---------------------------------------------------------------- setup
     out = Path(cfg.output_dir).resolve()
+    preemption = catch_preemption()  # SIGUSR1 (Slurm's time-limit warning): checkpoint, exit 85, requeue
     accelerator = build_accelerator(cfg.hardware, cfg.train)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     checkpoint = find_checkpoint(out, cfg.resume)
@@ -132,8 +138,12 @@ def train(cfg: Config) -> TrainState:
             if main:
                 log_metrics(out / "metrics.jsonl", {"step": state.step, **scores}, run)
                 bar.write(f"step {state.step}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items() if v is not None))
-        if state.step % cfg.train.save_steps == 0 or improved:  # the best checkpoint always exists
-            save_checkpoint(accelerator, model, optimizer, scheduler, state, out, config_yaml, cfg.train.save_total_limit)
+        preempted = preemption_agreed(accelerator, preemption)  # all ranks stop at the same step
+        if state.step % cfg.train.save_steps == 0 or improved or preempted:  # the best checkpoint always exists
+            checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, out, config_yaml,
+                                         cfg.train.save_total_limit)
+        if preempted:
+            exit_for_requeue(accelerator, state.step, checkpoint)  # SystemExit(85); resume=auto continues
         if cfg.train.early_stopping_patience and state.evals_since_best >= cfg.train.early_stopping_patience:
             log.info("early stop at step %d: eval/loss has not improved on step %s", state.step, state.best_step)
             break
@@ -153,6 +163,7 @@ def train(cfg: Config) -> TrainState:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
+    export_submitit_env()  # sweep=slurm: one Slurm task per GPU, started without torchrun
     train(to_config(dcfg))
 
 

@@ -128,3 +128,31 @@ def test_train_py_stops_at_start_naming_the_bad_key(tmp_path):
     assert proc.returncode != 0
     assert "train.micro_batch_size: must be >= 1, got 0" in proc.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+HARDWARE = {  # name: (strategy, zero_stage if deepspeed, processes, machines)
+    "cpu": ("ddp", None, 1, 1), "1gpu": ("ddp", None, 1, 1), "8gpu": ("ddp", None, 8, 1),
+    "zero2": ("deepspeed", 2, 8, 1), "zero3": ("deepspeed", 3, 8, 1), "fsdp": ("fsdp", None, 8, 1),
+    "multinode": ("ddp", None, 16, 2),
+}
+
+
+@pytest.mark.parametrize("name", OPTIONS["hardware"])
+def test_each_hardware_file_says_when_to_pick_it_and_composes_to_its_strategy(name):
+    text = (CONF_DIR / "hardware" / f"{name}.yaml").read_text()
+    assert text.startswith("# ") and "Pick it" in text, f"hardware/{name}.yaml must say when to pick it"
+    hw = compose([f"hardware={name}"]).hardware
+    strategy, stage, processes, machines = HARDWARE[name]
+    assert (hw.strategy, hw.num_processes, hw.num_machines) == (strategy, processes, machines)
+    if stage is not None:
+        assert hw.zero_stage == stage
+
+
+def test_fsdp_without_gpus_stops_instead_of_training_unsharded(tmp_path):
+    from test_train_support import FAST, run_train
+
+    args = [a for a in FAST if not a.startswith("hardware=")]
+    proc = run_train(tmp_path, args + ["hardware=fsdp", "hardware.mixed_precision=no", f"output_dir={tmp_path / 'o'}"],
+                     check=False)
+    assert proc.returncode != 0
+    assert "hardware=fsdp asks for FSDP but Accelerate runs as NO" in proc.stderr, proc.stderr[-2000:]

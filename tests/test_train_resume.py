@@ -204,3 +204,13 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
                                  setup.output_dir, "", keep=2)
     assert [p.name for p in training.checkpoint_dirs(setup.output_dir)] == ["step-5", "step-4", "step-2"]
     assert not [p for p in (setup.output_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_sharded_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
+    """DeepSpeed/FSDP checkpoints keep their shards in accelerate/ (accelerator.save_state);
+    resuming one under DDP (or the reverse) must name the mismatch, not load half a state."""
+    setup = Setup(tmp_path / "run")
+    checkpoint = setup.save(1)
+    (checkpoint / training.ACCELERATE_STATE).mkdir()
+    with pytest.raises(ValueError, match="written with sharded state .* resume with the hardware= that wrote it"):
+        training.load_checkpoint(checkpoint, setup.accelerator, setup.model, setup.optimizer, setup.scheduler)

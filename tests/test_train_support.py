@@ -157,6 +157,10 @@ import test_train_support as support
 support.install_fake_pipeline()
 if os.environ.get("KILL_AFTER_CHECKPOINT"):
     support.install_kill_after_checkpoint(int(os.environ["KILL_AFTER_CHECKPOINT"]))
+if os.environ.get("STEP_DELAY"):
+    support.install_step_delay(float(os.environ["STEP_DELAY"]))
+if os.environ.get("PID_DIR"):  # lets a test signal one chosen rank
+    open(os.path.join(os.environ["PID_DIR"], "pid-" + os.environ.get("RANK", "0")), "w").write(str(os.getpid()))
 sys.argv = [{str(TRAIN_PY)!r}] + sys.argv[1:]
 runpy.run_path({str(TRAIN_PY)!r}, run_name="__main__")
 """
@@ -183,22 +187,46 @@ def install_kill_after_checkpoint(step: int) -> None:
     training.save_checkpoint, training.log_metrics = save_then_arm, log_then_kill
 
 
-def run_train(tmp_path: Path, args: list[str], *, processes: int = 1, data: dict | None = None,
-              extra_env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run train.py in a fresh process (or ``processes`` under accelerate launch) on synthetic data."""
+def install_step_delay(seconds: float) -> None:
+    """Sleep after each logged step, so a test has time to signal a run between steps."""
+    import time
+
+    import agenttune.training as training
+
+    log = training.log_metrics
+
+    def log_then_sleep(path, entry, run=None):
+        log(path, entry, run)
+        time.sleep(seconds)
+
+    training.log_metrics = log_then_sleep
+
+
+def launch_command(tmp_path: Path, processes: int = 1) -> list[str]:
+    """The command line that runs train.py on synthetic data, under accelerate launch if processes > 1."""
     launcher = tmp_path / "launch_train.py"
     launcher.write_text(LAUNCHER)
     if processes == 1:
-        command = [sys.executable, str(launcher)]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(29500 + os.getpid() % 1000), str(launcher)]
+        return [sys.executable, str(launcher)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(29500 + os.getpid() % 1000), str(launcher)]
+
+
+def train_env(processes: int = 1, data: dict | None = None, extra_env: dict | None = None) -> dict[str, str]:
     e = env()
     e["AGENTTUNE_TEST_DATA"] = json.dumps(data or {})
     if processes > 1:
         e["ACCELERATE_USE_CPU"] = "1"
     e.update(extra_env or {})
+    return e
+
+
+def run_train(tmp_path: Path, args: list[str], *, processes: int = 1, data: dict | None = None,
+              extra_env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py in a fresh process (or ``processes`` under accelerate launch) on synthetic data."""
+    command = launch_command(tmp_path, processes)
+    e = train_env(processes, data, extra_env)
     proc = subprocess.run(command + args, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -244,6 +245,18 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def on_rank_zero(value):
+    """``${on_rank_zero:.hydra}``: the value in the first process of a job, None in the others.
+    Under sweep=slurm every Slurm task runs Hydra's job code (which writes ``.hydra/``); this
+    keeps those writes to rank 0. RANK (torchrun) wins over SLURM_PROCID (one srun task each)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return value if rank == "0" else None
+
+
+if not OmegaConf.has_resolver("on_rank_zero"):
+    OmegaConf.register_new_resolver("on_rank_zero", on_rank_zero, use_cache=False)
 
 
 def _reject_unknown_keys(node, path: str) -> None:

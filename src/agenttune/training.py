@@ -16,6 +16,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,12 +38,24 @@ IGNORE = -100
 # ----------------------------------------------------------------------------- accelerator
 
 
+def export_submitit_env() -> None:
+    """Under sweep=slurm (hydra-submitit-launcher) each GPU is a Slurm task that submitit starts
+    itself, not torchrun: set the env:// variables torchrun would (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT) from submitit's view of the job. A no-op anywhere else."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # Keep every GPU visible: Accelerate picks cuda:LOCAL_RANK itself.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
     """An Accelerator whose accumulation steps give train.global_batch_size at this world size."""
     import importlib.util
 
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import parse_flag_from_env
+    from accelerate.utils import DistributedType, parse_flag_from_env
 
     world = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
     launched = int(os.environ.get("WORLD_SIZE", world))  # set by torchrun / accelerate launch
@@ -62,6 +75,9 @@ def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
             zero_stage=hardware.zero_stage,
             gradient_accumulation_steps=accumulation,
             gradient_clipping=train.max_grad_norm if train.max_grad_norm > 0 else None,
+            # ZeRO-3 partitions the weights: accelerator.get_state_dict gathers them (16-bit) to
+            # rank 0 only with this on, for checkpoints' trainable.safetensors and final/.
+            zero3_save_16bit_model=hardware.zero_stage == 3,
         )
     elif hardware.strategy == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
@@ -72,6 +88,14 @@ def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
     accelerator = Accelerator(
         mixed_precision=hardware.mixed_precision, gradient_accumulation_steps=accumulation, **plugins
     )
+    if hardware.strategy == "fsdp" and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate applies the FSDP plugin only on GPUs (and like devices); elsewhere it would
+        # silently train unsharded, so say so instead.
+        raise RuntimeError(
+            f"hardware={hardware.name} asks for FSDP but Accelerate runs as {accelerator.distributed_type.value} "
+            f"on {accelerator.device}. FSDP needs GPUs and a distributed launch: accelerate launch --num_processes N "
+            "train.py hardware=fsdp (on one GPU: accelerate launch --use_fsdp --num_processes 1 ...)."
+        )
     if accelerator.is_main_process and accelerator.num_processes != hardware.num_processes:
         log.warning(
             "hardware=%s is written for %d processes but this run has %d; the global batch stays %d "
@@ -374,12 +398,39 @@ class TrainState:
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
+ACCELERATE_STATE = "accelerate"  # a checkpoint's accelerator.save_state dir, under DeepSpeed and FSDP
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained weights (the adapter, or the whole model for tuner=full), by parameter name.
     named_parameters() lists a tied weight once, so every tensor is saved once."""
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def shards_state(accelerator) -> bool:
+    """True under DeepSpeed and FSDP: each rank holds only a shard of the optimizer state (and
+    under ZeRO-3 and FSDP2 of the weights), so checkpoints go through Accelerate's save_state."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def gathered_trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """trainable_state of the whole model on rank 0, whatever the sharding. Every rank must call
+    it: under ZeRO-3 and FSDP2 accelerator.get_state_dict is a collective that gathers the full
+    tensors to rank 0 (ZeRO-3: in 16 bit); the other ranks get {}."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    kind = accelerator.distributed_type
+    partitioned = kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
+    )
+    if not partitioned:
+        return trainable_state(unwrapped)
+    trained = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    full = accelerator.get_state_dict(model) or {}
+    return {name: t.detach().cpu().contiguous() for name, t in full.items() if name in trained}
 
 
 def rng_state() -> dict:
@@ -478,26 +529,30 @@ def save_checkpoint(
     root = output_dir / "checkpoints"
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
-    weights = trainable_state(accelerator.unwrap_model(model))
-    if not all(torch.isfinite(t).all() for t in weights.values()):
+    weights = gathered_trainable_state(accelerator, model)  # full tensors on rank 0
+    bad = torch.tensor([float(not all(torch.isfinite(t).all() for t in weights.values()))], device=accelerator.device)
+    if accelerator.reduce(bad, reduction="sum").item() > 0:  # every rank raises, none waits forever
         raise FloatingPointError(f"step {state.step}: the weights hold NaN/inf; refusing to write a checkpoint of them")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")  # each rank its own stream
+    if shards_state(accelerator):  # each rank writes its optimizer (and weight) shards; all ranks call
+        accelerator.save_state(str(tmp / ACCELERATE_STATE))
     if accelerator.is_main_process:
-        save_file(weights, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_file(weights, tmp / "trainable.safetensors")  # gathered: loadable without the shards
+        if not shards_state(accelerator):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "config.yaml").write_text(config_yaml)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())  # accelerate/ holds nested shard dirs
         for path in files:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        manifest = {p.name: p.stat().st_size for p in files}
+        manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
         (tmp / STATE_FILE).write_text(json.dumps({"state": asdict(state), "files": manifest}, indent=1))
         with open(tmp / STATE_FILE, "rb") as f:
             os.fsync(f.fileno())
@@ -514,21 +569,18 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) 
     """Restore weights, optimizer, scheduler and this rank's RNG; return the loop state."""
     saved = json.loads((checkpoint / STATE_FILE).read_text())
     state = TrainState(**saved["state"])
-    unwrapped = accelerator.unwrap_model(model)
-    weights = load_file(checkpoint / "trainable.safetensors")
-    params = dict(unwrapped.named_parameters())
-    expected = {name for name, p in params.items() if p.requires_grad}
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ValueError(
-            f"{checkpoint}: trained weights do not match this model (missing {missing[:3]}, "
-            f"unexpected {extra[:3]}); was it saved with another model or tuner?"
+    sharded = (checkpoint / ACCELERATE_STATE).is_dir()
+    if sharded != shards_state(accelerator):
+        raise ConfigError(
+            f"resume: {checkpoint} was written {'with' if sharded else 'without'} sharded state (DeepSpeed/FSDP) "
+            f"but this run is {accelerator.distributed_type.value}; resume with the hardware= that wrote it"
         )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    if sharded:  # Accelerate reads back each rank's shards of weights, optimizer and scheduler
+        accelerator.load_state(str(checkpoint / ACCELERATE_STATE))
+    else:
+        load_trainable(checkpoint, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     rng_file = checkpoint / f"rng-{accelerator.process_index}.pt"
     if state.world_size != accelerator.num_processes:
         log.warning(
@@ -540,6 +592,71 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) 
         set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: numpy state needs pickle
     state.world_size = accelerator.num_processes
     return state
+
+
+def load_trainable(checkpoint: Path, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's trainable.safetensors into the (unwrapped, unsharded) model."""
+    weights = load_file(checkpoint / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(
+            f"{checkpoint}: trained weights do not match this model (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); was it saved with another model or tuner?"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
+# ----------------------------------------------------------------------------- preemption
+
+REQUEUE_EXIT_CODE = 85
+"""train.py's exit status after SIGUSR1: a checkpoint of the last finished step is saved and the
+job should be requeued with resume=auto (launch/*.sbatch do). Distinct from 0 (done), 1 (error),
+and 128+N (killed by signal N)."""
+REQUEUE_MARKER_ENV = "AGENTTUNE_REQUEUE_MARKER"
+"""When set, rank 0 also creates this file before exiting 85: ``accelerate launch`` (torchrun)
+turns any worker failure into its own exit 1, so a launch script cannot see the 85 through it."""
+
+
+class Preemption:
+    """Set by SIGUSR1, the warning Slurm sends ``--signal=USR1@120`` seconds before the time
+    limit. The handler only sets a flag; the loop acts on it at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+
+def catch_preemption() -> Preemption:
+    """Install the SIGUSR1 handler on this rank (every rank calls it) and return its flag."""
+    preemption = Preemption()
+    signal.signal(signal.SIGUSR1, preemption._on_signal)
+    return preemption
+
+
+def preemption_agreed(accelerator, preemption: Preemption) -> bool:
+    """True on every rank when SIGUSR1 reached any rank. Called at each step boundary: the ranks
+    may get the signal at different moments (or only some of them), and a rank that stopped
+    alone would leave the others blocked in the next step's collectives."""
+    flag = torch.tensor([float(preemption.signalled)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def exit_for_requeue(accelerator, step: int, checkpoint: Path) -> None:
+    """End the run after a preemption checkpoint with REQUEUE_EXIT_CODE (and the marker file)."""
+    marker = os.environ.get(REQUEUE_MARKER_ENV)
+    if accelerator.is_main_process:
+        if marker:
+            Path(marker).write_text(f"{checkpoint}\n")
+        log.warning("SIGUSR1: stopped after step %d with %s saved; exiting %d so the job is requeued (resume=auto)",
+                    step, checkpoint, REQUEUE_EXIT_CODE)
+    accelerator.end_training()
+    raise SystemExit(REQUEUE_EXIT_CODE)
 
 
 # ----------------------------------------------------------------------------- final model
