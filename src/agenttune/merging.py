@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from agenttune.config import Config, ConfigError, ModelConfig, TunerConfig
 from agenttune.data.schema import Conversation, Message, ToolCall
 from agenttune.data.templates import Template
-from agenttune.modeling import _load_kwargs, _quantization_config, lora_targets, resolve_model_path
+from agenttune.modeling import load_kwargs, lora_config, quantization_config_nf4, resolve_model_path
 from agenttune.training import checkpoint_dirs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -134,7 +134,7 @@ def load_base(model_cfg: ModelConfig, dtype: torch.dtype, dequantize_nf4: bool, 
     path = resolve_model_path(model_cfg.path)
     if Path(path).is_absolute() and not Path(path).is_dir():  # a local path, not a hub id: say so plainly
         raise MergeError(f"base model {path} ({source}) does not exist. If the base moved, pass base=DIR.")
-    kwargs = {**_load_kwargs(model_cfg), "dtype": dtype}
+    kwargs = {**load_kwargs(model_cfg), "dtype": dtype}
     if dequantize_nf4:
         if not torch.cuda.is_available():
             raise MergeError(
@@ -142,7 +142,7 @@ def load_base(model_cfg: ModelConfig, dtype: torch.dtype, dequantize_nf4: bool, 
                 "training and dequantizes it, which needs a CUDA GPU (bitsandbytes). Run the merge on a GPU "
                 "machine, or pass adapter_only=true to export the adapter for serving on the original base."
             )
-        kwargs["quantization_config"] = _quantization_config()
+        kwargs["quantization_config"] = quantization_config_nf4()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
@@ -191,24 +191,6 @@ def check_adapter_fits(base, weights: dict[str, torch.Tensor], adapter: Path, ba
             f"the adapter was trained on {want} (base hidden size {base.config.hidden_size}). "
             "Is this the model the run trained on?"
         )
-
-
-def lora_config(base, tuner: TunerConfig):
-    """The LoraConfig ``agenttune.modeling.build_model`` trains with, to rebuild a checkpoint's
-    adapter (checkpoints hold only the trained tensors). A test checks that merging a checkpoint
-    equals merging the final/ PEFT saved from the same weights."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=tuner.r,
-        lora_alpha=tuner.alpha,
-        lora_dropout=tuner.dropout,
-        target_modules=lora_targets(base, tuner),
-        use_dora=tuner.name == "dora",
-        ensure_weight_tying=tuner.include_embeddings and bool(getattr(base.config, "tie_word_embeddings", False)),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
 
 
 def attach_adapter(base, tuner: TunerConfig, adapter: Path, base_path: str):

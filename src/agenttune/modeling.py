@@ -44,7 +44,7 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def _load_kwargs(model_cfg: ModelConfig) -> dict:
+def load_kwargs(model_cfg: ModelConfig) -> dict:
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.gguf_file:
         kwargs["gguf_file"] = model_cfg.gguf_file
@@ -54,7 +54,7 @@ def _load_kwargs(model_cfg: ModelConfig) -> dict:
 def build_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.path), **_load_kwargs(model_cfg))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.path), **load_kwargs(model_cfg))
     if tokenizer.pad_token_id is None:  # padding positions are never trained, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -69,7 +69,7 @@ def load_dtype(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCon
     return torch.float32
 
 
-def _quantization_config():
+def quantization_config_nf4():
     if not torch.cuda.is_available():
         raise RuntimeError(
             "tuner=qlora needs a CUDA GPU: bitsandbytes 4-bit (NF4) layers do not train on CPU. "
@@ -102,10 +102,10 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
     """The model with only the tuner's parameters trainable, ready for ``accelerator.prepare``."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = _load_kwargs(model_cfg)
+    kwargs = load_kwargs(model_cfg)
     kwargs["dtype"] = load_dtype(model_cfg, tuner, hardware)
     if tuner.name == "qlora":
-        kwargs["quantization_config"] = _quantization_config()
+        kwargs["quantization_config"] = quantization_config_nf4()
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.path), **kwargs)
@@ -130,9 +130,17 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
         model.requires_grad_(True)
         return model
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(
+    return get_peft_model(model, lora_config(model, tuner))
+
+
+def lora_config(model, tuner: TunerConfig):
+    """The one LoraConfig of a run: used to train (build_model) and to rebuild a checkpoint's
+    adapter for merging (checkpoints hold only the trained tensors)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=tuner.r,
         lora_alpha=tuner.alpha,
         lora_dropout=tuner.dropout,
@@ -143,7 +151,6 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
