@@ -1,43 +1,134 @@
-"""infer.py: chat with a tuned agent, run it against real tools, predict over an eval file,
+"""Talk to a tuned agent: chat with it, let it call real tools, score it on an eval file,
 or serve it behind an OpenAI-compatible API.
 
-Not built yet: those modes arrive with the inference issue. Today this script only shows the
-exact prompt text a conversation renders to with a training template, so you can check what
-the model will see at inference:
+    python infer.py adapter=outputs/demo/RUN/final                          # mode=chat: REPL on stdin
+    python infer.py mode=agent adapter=RUN/final agent.query="Weather in Oslo on 2024-05-02?"
+    python infer.py mode=agent adapter=RUN/final agent.tools=[agenttune.demo_tools,my_pkg.tools]
+    python infer.py mode=predict adapter=RUN/final predict.input=[eval.jsonl] predict.baseline=true
+    python infer.py mode=serve model.path=merged/a port=8000                # then: openai.OpenAI(base_url=...)
 
-    python infer.py FILE [--template qwen] [--index 0]
+Loading: adapter= (a run's final/ or checkpoints/step-N; base and template from its config), or
+model=/model.path= for a base or merged model. The schema is agenttune/inference/config.py.
+Reading order: load -> one function per mode -> exit status (1 for errors the user can fix).
 """
 
-import argparse
+from __future__ import annotations
+
+import json
+import logging
 import sys
+from pathlib import Path
 
-from agenttune.data.readers import read_file
-from agenttune.data.schema import DataError
-from agenttune.data.templates import TEMPLATES, get_template
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from agenttune.config import ConfigError
+from agenttune.data.schema import to_openai_record
+from agenttune.inference.agent import Event, new_conversation, run_agent
+from agenttune.inference.chat import run_chat
+from agenttune.inference.config import InferConfig
+from agenttune.inference.generate import Generator
+from agenttune.inference.loading import LoadError, load_for_inference
+from agenttune.inference.metrics import comparison_table
+from agenttune.inference.predict import EvalDataError, load_eval, predict, read_metrics, write_predictions
+from agenttune.tools import ToolError, load_tools
+
+log = logging.getLogger("infer")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", help="a data file in any supported format")
-    p.add_argument("--template", default="qwen", choices=sorted(TEMPLATES))
-    p.add_argument("--index", type=int, default=0)
-    args = p.parse_args(argv)
-    items = list(read_file(args.file))
-    if not 0 <= args.index < len(items):
-        print(f"error: {args.file} has {len(items)} records; --index {args.index} is out of range", file=sys.stderr)
-        return 2
-    item = items[args.index]
-    if isinstance(item, DataError):
-        print(f"error: {item}", file=sys.stderr)
-        return 1
-    # The prompt is everything before the last assistant turn, plus the generation header.
-    last = max(i for i, m in enumerate(item.messages) if m.role == "assistant")
-    item.messages = item.messages[:last]
-    segments = get_template(args.template).render(item, add_generation_prompt=True)
-    print("".join(s.text for s in segments), end="")
-    print("\n[infer.py] generation modes (chat, agent, predict, serve) are not implemented yet.", file=sys.stderr)
+def chat(cfg: InferConfig, generator: Generator) -> int:
+    return run_chat(generator, cfg.system, load_tools(cfg.agent.tools), sys.stdin, sys.stdout)
+
+
+def agent(cfg: InferConfig, generator: Generator) -> int:
+    tools = load_tools(cfg.agent.tools)
+    questions = [cfg.agent.query] if cfg.agent.query else (line.strip() for line in sys.stdin if line.strip())
+    labels = {"assistant": "thought", "call": "call", "observation": "observation", "error": "error", "final": "answer"}
+
+    def show(event: Event) -> None:
+        print(f"  [{labels[event.kind]}] {event.text}", flush=True)
+
+    for question in questions:
+        print(f"question: {question}", flush=True)
+        result = run_agent(lambda conv: generator.reply(conv).text, new_conversation(question, tools, cfg.system),
+                           tools, generator.template.name, cfg.agent.max_turns, show)
+        if result.stopped == "max_turns":
+            print(f"  [stopped] no final answer after {cfg.agent.max_turns} turns (agent.max_turns)", flush=True)
+        if cfg.agent.save:
+            record = to_openai_record(result.conversation)
+            # reward: a final answer with no error observation, so the filter can keep the good runs
+            record["reward"] = result.stopped == "final" and not any(e.kind == "error" for e in result.events)
+            with open(cfg.agent.save, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return 0
 
 
+def predict_mode(cfg: InferConfig, generator: Generator, has_adapter: bool, name: str) -> int:
+    convs = load_eval(cfg.predict)
+    out = Path(cfg.predict.output_dir)
+    rows, metrics = predict(generator, convs, cfg.predict.batch_size, label=name)
+    metrics.update(model=name, template=generator.template.name, inputs=list(cfg.predict.input))
+    write_predictions(out, rows, metrics)
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("inputs",)}, indent=1))
+    before = None
+    if cfg.predict.baseline:
+        if not has_adapter:
+            raise ConfigError("predict.baseline: needs adapter= (it scores the base with the adapter switched off)")
+        with generator.model.disable_adapter():
+            base_rows, before = predict(generator, convs, cfg.predict.batch_size, label="base")
+        before.update(model=f"{name} without adapter", template=generator.template.name)
+        write_predictions(out, base_rows, before, suffix="_base")
+    elif cfg.predict.compare:
+        before = read_metrics(cfg.predict.compare)
+    if before is not None:
+        print(comparison_table(before, metrics, "before", "after"))
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    return 0
+
+
+def serve(cfg: InferConfig, generator: Generator, name: str) -> int:
+    import uvicorn
+
+    from agenttune.inference.serve import build_app
+
+    uvicorn.run(build_app(generator, cfg.served_name or name, cfg.max_queue), host=cfg.host, port=cfg.port,
+                log_level="info")
+    return 0
+
+
+def run(cfg: InferConfig) -> int:
+    loaded = load_for_inference(cfg)
+    generator = Generator(loaded.model, loaded.tokenizer, loaded.template, cfg.generation)
+    if cfg.mode == "chat":
+        return chat(cfg, generator)
+    if cfg.mode == "agent":
+        return agent(cfg, generator)
+    if cfg.mode == "predict":
+        return predict_mode(cfg, generator, loaded.has_adapter, loaded.name)
+    return serve(cfg, generator, loaded.name)
+
+
+def to_infer_config(dcfg: DictConfig) -> InferConfig:
+    try:
+        return OmegaConf.to_object(dcfg)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+
+
+@hydra.main(config_path="conf", config_name="infer", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    try:
+        code = run(to_infer_config(dcfg))
+    except (ConfigError, LoadError, ToolError, FileNotFoundError, EvalDataError) as err:
+        print(f"infer.py: error: {err}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

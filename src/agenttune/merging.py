@@ -106,13 +106,18 @@ def find_run_config(adapter: Path) -> Path:
     )
 
 
-def load_run_config(path: Path) -> tuple[ModelConfig, TunerConfig]:
+def read_run_config(path: Path) -> tuple[ModelConfig, TunerConfig]:
     """The model and tuner sections of a saved run config, validated by the training schema."""
     try:
         node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
-        model_cfg, tuner = OmegaConf.to_object(node.model), OmegaConf.to_object(node.tuner)
+        return OmegaConf.to_object(node.model), OmegaConf.to_object(node.tuner)
     except (OmegaConfBaseException, ValueError) as e:
         raise MergeError(f"{path}: not a readable training config ({str(e).splitlines()[0]})") from None
+
+
+def load_run_config(path: Path) -> tuple[ModelConfig, TunerConfig]:
+    """:func:`read_run_config` for a merge, which needs an adapter run."""
+    model_cfg, tuner = read_run_config(path)
     if not tuner.uses_adapter:
         raise MergeError(f"{path}: this run used tuner=full; its final/ is already a standalone model, nothing to merge")
     return model_cfg, tuner
@@ -171,6 +176,10 @@ def check_adapter_fits(base, weights: dict[str, torch.Tensor], adapter: Path, ba
     LoRA's A is (r, in) and B is (out, r), so the two give the layer's (in, out) as trained."""
     modules = dict(base.named_modules())
     for key, tensor in weights.items():
+        if ".lora_" not in key:
+            # Saved whole layers (PEFT stores embeddings/lm_head it adapted, and DoRA magnitudes
+            # are lora_magnitude_vector): PEFT's own load checks their shapes.
+            continue
         name = _adapter_module(key)
         module = modules.get(name)
         if module is None:

@@ -123,6 +123,31 @@ class Conversation:
         )
 
 
+def to_openai_record(conv: Conversation) -> dict:
+    """The conversation as an OpenAI ``messages`` + ``tools`` record (what ``read_openai``
+    reads back): lossless for parallel calls, which ShareGPT's single observation turn is not."""
+    messages = []
+    for m in conv.messages:
+        out: dict = {"role": m.role, "content": m.content}
+        if m.reasoning:
+            out["reasoning_content"] = m.reasoning
+        if m.tool_calls:
+            out["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments},
+                 **({"id": c.id} if c.id else {})}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id:
+            out["tool_call_id"] = m.tool_call_id
+        if m.name:
+            out["name"] = m.name
+        messages.append(out)
+    record: dict = {"messages": messages}
+    if conv.tools:
+        record["tools"] = [{"type": "function", "function": tool} for tool in conv.tools]
+    return record
+
+
 def canonical_json(value: Any) -> str:
     """The one JSON spelling used for arguments everywhere (training, parsing, metrics)."""
     return json.dumps(value, ensure_ascii=False)

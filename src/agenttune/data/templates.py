@@ -759,11 +759,14 @@ CHATML_CHAT_TEMPLATE = r"""{%- set has_system = messages and messages[0].role ==
 
 # ----------------------------------------------------------------------------- registry
 
+# Hermes templates (qwen, chatml) stop at the end of the turn, not at </tool_call>: a turn may hold
+# several parallel calls, and stopping after the first would lose the rest. Their calls always
+# end the turn, so <|im_end|> is the end of a tool call too (as in Qwen2.5's generation_config).
 TEMPLATES: dict[str, Template] = {
-    "qwen": Template("qwen", QWEN_CHAT_TEMPLATE, ("</tool_call>", "<|im_end|>"), "<|im_end|>", _render_qwen),
+    "qwen": Template("qwen", QWEN_CHAT_TEMPLATE, ("<|im_end|>",), "<|im_end|>", _render_qwen),
     "llama3": Template("llama3", LLAMA3_CHAT_TEMPLATE, ("<|eot_id|>", "<|eom_id|>"), "<|eot_id|>", _render_llama3),
     "react": Template("react", REACT_CHAT_TEMPLATE, ("Observation:",), "<|im_end|>", _render_react),
-    "chatml": Template("chatml", CHATML_CHAT_TEMPLATE, ("</tool_call>", "<|im_end|>"), "<|im_end|>", _render_chatml),
+    "chatml": Template("chatml", CHATML_CHAT_TEMPLATE, ("<|im_end|>",), "<|im_end|>", _render_chatml),
 }
 
 

@@ -1,0 +1,315 @@
+"""A small deterministic tool world: the bundled ``tools=agenttune.demo_tools``.
+
+The synthetic data generator (``agenttune.data.synth``) calls these tools to write its
+observations, and ``infer.py mode=agent`` can call the very same functions, so what a model
+sees at inference is what it saw in training. Every result is a pure function of the
+arguments: no clock, no randomness, no network. Where a "table" would be large (weather for
+every city and day, flights for every route and day) it is derived from a SHA-256 of the key,
+which is stable across machines and Python versions, unlike ``hash()``.
+
+Descriptions carry no trailing period because the ms-agent system prompt appends one.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import hashlib
+import math
+import operator
+
+from .tools import Tool, ToolError
+
+# ----------------------------------------------------------------------------- helpers
+
+YEAR = 2025
+"""Weather and flight tables cover this calendar year."""
+
+
+def stable_int(*parts: object) -> int:
+    """A deterministic non-negative integer for a key (same on every machine and run)."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def tidy(x: float) -> int | float:
+    """Round for display: integers stay integers, other values keep 2 decimals (4 below 1),
+    so observations and the final answers quoting them stay short and exact."""
+    if isinstance(x, int):
+        return x
+    x = round(x, 2) if abs(x) >= 1 else round(x, 4)
+    return int(x) if x == int(x) else x
+
+
+def parse_date(text: str, what: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise ToolError(f"{what} {text!r} is not a valid date; write YYYY-MM-DD") from None
+
+
+def _date_in_year(text: str, what: str) -> dt.date:
+    day = parse_date(text, what)
+    if day.year != YEAR:
+        raise ToolError(f"{what} {text} is outside the table; it covers {YEAR}-01-01 to {YEAR}-12-31")
+    return day
+
+
+# ----------------------------------------------------------------------------- calculator
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+MAX_EXPRESSION = 200
+MAX_EXPONENT = 64
+MAX_MAGNITUDE = 10**100
+"""Bounds every intermediate value, so ``(10**64)**64**...`` cannot stall the process."""
+
+
+def _evaluate(node: ast.AST) -> int | float:
+    # Walk the parsed tree and allow only numbers and arithmetic: names, calls, attributes and
+    # subscripts are refused, so `__import__('os')` is an error, not code. Never eval().
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_evaluate(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise ToolError(f"exponent {right} is too large (at most {MAX_EXPONENT})")
+        if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and right == 0:
+            raise ToolError("division by zero")
+        value = _BINARY[type(node.op)](left, right)
+        if abs(value) > MAX_MAGNITUDE:
+            raise ToolError("a number in the expression exceeds 1e100")
+        return value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitXor):
+        raise ToolError("`^` is not a power here; write ** for powers")
+    raise ToolError(f"only numbers and + - * / // % ** ( ) are allowed, found `{ast.unparse(node)}`")
+
+
+def calculator(expression: str) -> dict:
+    if len(expression) > MAX_EXPRESSION:
+        raise ToolError(f"expression is longer than {MAX_EXPRESSION} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise ToolError(f"cannot parse {expression!r} as arithmetic") from None
+    try:
+        value = _evaluate(tree.body)
+    except OverflowError:
+        raise ToolError("a number in the expression exceeds 1e100") from None
+    if isinstance(value, complex) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ToolError("the result is not a finite real number")
+    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
+        value = int(value)
+    return {"result": value if isinstance(value, int) else round(value, 6)}
+
+
+# ----------------------------------------------------------------------------- unit conversion
+
+# Factor to the dimension's base unit (m, kg, l); temperatures convert through Celsius.
+_FACTORS = {
+    "m": ("length", 1.0), "km": ("length", 1000.0), "cm": ("length", 0.01),
+    "mi": ("length", 1609.344), "ft": ("length", 0.3048), "in": ("length", 0.0254),
+    "kg": ("mass", 1.0), "g": ("mass", 0.001), "lb": ("mass", 0.45359237), "oz": ("mass", 0.028349523125),
+    "l": ("volume", 1.0), "ml": ("volume", 0.001), "gal": ("volume", 3.785411784),
+}
+_TEMPERATURE = ("C", "F", "K")
+UNITS = list(_FACTORS) + list(_TEMPERATURE)
+
+
+def _to_celsius(value: float, unit: str) -> float:
+    return {"C": value, "F": (value - 32) * 5 / 9, "K": value - 273.15}[unit]
+
+
+def _from_celsius(value: float, unit: str) -> float:
+    return {"C": value, "F": value * 9 / 5 + 32, "K": value + 273.15}[unit]
+
+
+def convert_units(value: float, from_unit: str, to_unit: str) -> dict:
+    if from_unit in _TEMPERATURE or to_unit in _TEMPERATURE:
+        if not (from_unit in _TEMPERATURE and to_unit in _TEMPERATURE):
+            raise ToolError(f"cannot convert {from_unit} to {to_unit}: only C, F and K convert to each other")
+        result = _from_celsius(_to_celsius(value, from_unit), to_unit)
+    else:
+        (dim_from, f_from), (dim_to, f_to) = _FACTORS[from_unit], _FACTORS[to_unit]
+        if dim_from != dim_to:
+            raise ToolError(f"cannot convert {from_unit} ({dim_from}) to {to_unit} ({dim_to})")
+        result = value * f_from / f_to
+    return {"value": tidy(result), "unit": to_unit}
+
+
+# ----------------------------------------------------------------------------- weather
+
+# city -> (mean temperature in °C, hemisphere sign: +1 north, -1 south, 0 tropics)
+CITIES: dict[str, tuple[int, int]] = {
+    "Oslo": (6, 1), "Rome": (16, 1), "Paris": (12, 1), "Berlin": (10, 1), "Madrid": (15, 1),
+    "Lisbon": (17, 1), "Vienna": (11, 1), "Prague": (9, 1), "Dublin": (10, 1), "Athens": (18, 1),
+    "Cairo": (22, 1), "Tokyo": (16, 1), "Seoul": (13, 1), "Beijing": (13, 1), "Shanghai": (17, 1),
+    "Toronto": (9, 1), "Chicago": (10, 1), "Denver": (10, 1), "Boston": (11, 1), "Helsinki": (6, 1),
+    "Warsaw": (9, 1), "Istanbul": (15, 1), "Osaka": (17, 1), "Hangzhou": (17, 1),
+    "Nairobi": (19, 0), "Singapore": (28, 0), "Mumbai": (27, 0), "Lima": (19, -1),
+    "Sydney": (18, -1), "Auckland": (15, -1), "Santiago": (14, -1), "Perth": (19, -1),
+}
+# Month offset from the annual mean in the northern hemisphere (January first).
+_SEASON = (-8, -7, -4, 0, 4, 8, 10, 9, 5, 0, -4, -7)
+CONDITIONS = ("sunny", "cloudy", "rain", "windy", "fog")
+
+
+def _known_city(city: str, what: str = "city") -> str:
+    if city not in CITIES:
+        raise ToolError(f"unknown {what} {city!r}; known cities: {', '.join(sorted(CITIES))}")
+    return city
+
+
+def get_weather(city: str, date: str) -> dict:
+    _known_city(city)
+    day = _date_in_year(date, "date")
+    mean, hemisphere = CITIES[city]
+    h = stable_int("weather", city, date)
+    temp = mean + hemisphere * _SEASON[day.month - 1] + (h % 7) - 3
+    condition = CONDITIONS[(h // 7) % len(CONDITIONS)]
+    if condition == "rain" and temp <= 0:
+        condition = "snow"
+    return {"city": city, "condition": condition, "temp_c": temp}
+
+
+# ----------------------------------------------------------------------------- dates
+
+
+def date_diff(start: str, end: str) -> dict:
+    """Days from ``start`` to ``end`` (negative when end is earlier)."""
+    return {"days": (parse_date(end, "end") - parse_date(start, "start")).days}
+
+
+# ----------------------------------------------------------------------------- grocery catalog
+
+CATEGORIES = ("fruit", "vegetables", "dairy", "bakery", "pantry", "drinks")
+
+
+def _product(sku: str, name: str, category: str, price: float, unit: str, stock: int) -> dict:
+    return {"sku": sku, "name": name, "category": category, "price": price, "unit": unit, "stock": stock}
+
+
+PRODUCTS: list[dict] = [
+    _product("FR-101", "Green Apple", "fruit", 0.45, "each", 120),
+    _product("FR-102", "Banana", "fruit", 0.25, "each", 200),
+    _product("FR-103", "Mango", "fruit", 1.2, "each", 0),
+    _product("FR-104", "Blueberries", "fruit", 3.5, "box", 40),
+    _product("FR-105", "Lemon", "fruit", 0.6, "each", 85),
+    _product("FR-106", "Pear", "fruit", 0.55, "each", 0),
+    _product("VG-201", "Carrot", "vegetables", 0.9, "kg", 60),
+    _product("VG-202", "Broccoli", "vegetables", 1.8, "each", 25),
+    _product("VG-203", "Spinach", "vegetables", 2.2, "bag", 0),
+    _product("VG-204", "Tomato", "vegetables", 2.9, "kg", 70),
+    _product("VG-205", "Red Onion", "vegetables", 1.4, "kg", 55),
+    _product("VG-206", "Potato", "vegetables", 1.1, "kg", 150),
+    _product("DA-301", "Whole Milk", "dairy", 1.15, "liter", 90),
+    _product("DA-302", "Oat Milk", "dairy", 2.49, "liter", 14),
+    _product("DA-303", "Greek Yogurt", "dairy", 3.1, "tub", 0),
+    _product("DA-304", "Cheddar Cheese", "dairy", 4.75, "block", 22),
+    _product("DA-305", "Butter", "dairy", 2.95, "pack", 35),
+    _product("DA-306", "Eggs", "dairy", 3.6, "dozen", 48),
+    _product("BK-401", "Sourdough Bread", "bakery", 4.2, "loaf", 12),
+    _product("BK-402", "Bagel", "bakery", 0.95, "each", 0),
+    _product("BK-403", "Croissant", "bakery", 1.35, "each", 30),
+    _product("BK-404", "Rye Bread", "bakery", 3.8, "loaf", 9),
+    _product("BK-405", "Muffin", "bakery", 1.75, "each", 16),
+    _product("BK-406", "Baguette", "bakery", 1.9, "each", 0),
+    _product("PN-501", "Basmati Rice", "pantry", 5.4, "bag", 33),
+    _product("PN-502", "Spaghetti", "pantry", 1.6, "pack", 80),
+    _product("PN-503", "Olive Oil", "pantry", 8.9, "bottle", 0),
+    _product("PN-504", "Honey", "pantry", 6.25, "jar", 18),
+    _product("PN-505", "Rolled Oats", "pantry", 2.7, "bag", 41),
+    _product("PN-506", "Peanut Butter", "pantry", 3.95, "jar", 27),
+    _product("DR-601", "Orange Juice", "drinks", 3.3, "liter", 38),
+    _product("DR-602", "Green Tea", "drinks", 4.1, "box", 0),
+    _product("DR-603", "Coffee Beans", "drinks", 9.5, "bag", 19),
+    _product("DR-604", "Sparkling Water", "drinks", 0.85, "bottle", 140),
+    _product("DR-605", "Apple Juice", "drinks", 2.6, "liter", 44),
+    _product("DR-606", "Cola", "drinks", 1.25, "bottle", 0),
+]
+_BY_SKU = {p["sku"]: p for p in PRODUCTS}
+MAX_RESULTS = 6
+
+
+def search_products(query: str = "", category: str | None = None) -> dict:
+    """Products whose name contains every word of ``query`` (case-insensitive), optionally
+    within one category. No match is an empty list, not an error: "we have none" is an answer."""
+    words = query.lower().split()
+    hits = [p for p in PRODUCTS
+            if (category is None or p["category"] == category) and all(w in p["name"].lower() for w in words)]
+    return {"results": [{"sku": p["sku"], "name": p["name"]} for p in hits[:MAX_RESULTS]]}
+
+
+def get_product(sku: str) -> dict:
+    if sku not in _BY_SKU:
+        raise ToolError(f"no product has SKU {sku!r}; find SKUs with search_products")
+    p = _BY_SKU[sku]
+    return {"sku": sku, "name": p["name"], "price": p["price"], "unit": p["unit"], "in_stock": p["stock"]}
+
+
+# ----------------------------------------------------------------------------- flights
+
+
+def search_flights(origin: str, destination: str, date: str) -> dict:
+    """Two or three flights for any route between known cities on a day of the table's year;
+    prices are distinct, so "the cheapest flight" always has one answer."""
+    _known_city(origin, "origin")
+    _known_city(destination, "destination")
+    if origin == destination:
+        raise ToolError("origin and destination are the same city")
+    _date_in_year(date, "date")
+    h = stable_int("flights", origin, destination, date)
+    count = 2 + h % 2
+    base = 90 + (stable_int("route", *sorted((origin, destination))) % 60) * 10
+    # Fares 40 apart plus a jitter under 40 are distinct; rotating them over the departures
+    # puts the cheapest flight at any position.
+    fares = [base + 40 * k + stable_int("fare", origin, destination, date, k) % 8 * 5 for k in range(count)]
+    shift = (h // 2) % count
+    flights = []
+    for i in range(count):
+        hi = stable_int("flight", origin, destination, date, i)
+        flights.append({"flight": f"AT{100 + hi % 900}", "depart": f"{6 + 5 * i + hi % 4:02d}:{(hi // 4) % 4 * 15:02d}",
+                        "price": fares[(i + shift) % count]})
+    return {"flights": flights}
+
+
+# ----------------------------------------------------------------------------- the tool list
+
+
+# Schemas are rendered into every prompt, so they say only what the names do not: types,
+# required fields, enums, patterns. Dates are "format": "date" (an annotation jsonschema does
+# not enforce by default); the functions reject a malformed date with a ToolError instead.
+DATE = {"type": "string", "format": "date"}
+CITY = {"type": "string"}
+
+
+def _params(properties: dict, required: list[str], **extra) -> dict:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False,
+            **extra}
+
+
+TOOLS: list[Tool] = [
+    Tool("calculator", "Evaluate an arithmetic expression such as 12 * (3 + 4)",
+         _params({"expression": {"type": "string"}}, ["expression"]), calculator),
+    Tool("convert_units", "Convert a length, mass, volume or temperature",
+         _params({"value": {"type": "number"}, "from_unit": {"type": "string", "enum": UNITS},
+                  "to_unit": {"type": "string", "enum": UNITS}}, ["value", "from_unit", "to_unit"]),
+         convert_units),
+    Tool("get_weather", f"Weather of a city on a day of {YEAR}",
+         _params({"city": CITY, "date": DATE}, ["city", "date"]), get_weather),
+    Tool("date_diff", "Days from start to end",
+         _params({"start": DATE, "end": DATE}, ["start", "end"]), date_diff),
+    Tool("search_products", "Search the grocery catalog by name words and/or category",
+         _params({"query": {"type": "string"}, "category": {"type": "string", "enum": list(CATEGORIES)}}, [],
+                 minProperties=1),
+         search_products),
+    Tool("get_product", "Price and stock of a product",
+         _params({"sku": {"type": "string", "pattern": r"^[A-Z]{2}-\d{3}$"}}, ["sku"]), get_product),
+    Tool("search_flights", f"Flights between two cities on a day of {YEAR}",
+         _params({"origin": CITY, "destination": CITY, "date": DATE}, ["origin", "destination", "date"]),
+         search_flights),
+]
+TOOLS_BY_NAME: dict[str, Tool] = {t.name: t for t in TOOLS}

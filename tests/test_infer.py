@@ -1,0 +1,303 @@
+"""infer.py end to end with real models: the tiny model is trained (real train.py loop) until it
+has memorized three conversations (a calculator call, two parallel calls, a greeting), once with
+the qwen template and a LoRA adapter, once with the react template and full fine-tuning. Greedy
+decoding then reproduces them exactly, so every mode can be checked against known answers:
+predict (metrics and the before/after table), chat through stdin, agent against the real
+calculator, and serve through the official ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agenttune.data.readers import read_file
+from agenttune.data.templates import react_system_prompt
+from agenttune.demo_tools import TOOLS as DEMO_TOOLS
+from test_train_support import ROOT, compose, env, load_train_module
+
+INFER_PY = ROOT / "infer.py"
+CALCULATOR = next(t for t in DEMO_TOOLS if t.name == "calculator")
+TOOLS_MODULE = "infer_test_tools"  # the calculator alone, so prompts match the memorized ones
+
+
+def _call(name: str, args: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def memorized_records() -> list[dict]:
+    tools = [{"type": "function", "function": CALCULATOR.schema}]
+    return [
+        {"tools": tools, "messages": [
+            {"role": "user", "content": "What is 12*7?"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("calculator", {"expression": "12*7"})]},
+            {"role": "tool", "content": CALCULATOR({"expression": "12*7"})},
+            {"role": "assistant", "content": "12*7 = 84."}]},
+        {"tools": tools, "messages": [
+            {"role": "user", "content": "What are 3+4 and 5+6?"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("calculator", {"expression": "3+4"}),
+                                                                _call("calculator", {"expression": "5+6"})]},
+            {"role": "tool", "content": CALCULATOR({"expression": "3+4"})},
+            {"role": "tool", "content": CALCULATOR({"expression": "5+6"})},
+            {"role": "assistant", "content": "3+4 = 7 and 5+6 = 11."}]},
+        {"messages": [{"role": "user", "content": "Say hello."},
+                      {"role": "assistant", "content": "Hello! How can I help?"}]},
+    ]
+
+
+RUNS = {
+    # LoRA on the tiny random model must adapt the embeddings too to memorize quickly.
+    "qwen": ["tuner=lora", "tuner.r=16", "tuner.dropout=0", "tuner.include_embeddings=true", "train.lr=1e-2"],
+    "react": ["tuner=full", "train.lr=5e-3"],
+}
+STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    data = root / "memorized.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in memorized_records()))
+    (root / f"{TOOLS_MODULE}.py").write_text(
+        "from agenttune.demo_tools import TOOLS as _ALL\nTOOLS = [t for t in _ALL if t.name == 'calculator']\n")
+    module = load_train_module()
+    runs = {}
+    for template, tuner in RUNS.items():
+        out = root / f"run-{template}"
+        module.train(compose([
+            "model=tiny", "hardware=cpu", "wandb.mode=disabled", f"model.template={template}", *tuner,
+            f"data.datasets=[{{path:{data},format:openai,source:agent}}]", "data.eval_ratio=0", "data.cache=false",
+            f"train.max_steps={STEPS}", "train.global_batch_size=3", "train.micro_batch_size=3",
+            "train.warmup_ratio=0", f"train.save_steps={STEPS}", f"output_dir={out}",
+        ]))
+        runs[template] = out
+    return {"root": root, "data": data, **runs}
+
+
+def infer_env(workspace) -> dict:
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join([str(workspace["root"]), e["PYTHONPATH"]])
+    return e
+
+
+def run_infer(workspace, args: list[str], stdin: str = "", timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(INFER_PY), *args], input=stdin, capture_output=True, text=True,
+                          env=infer_env(workspace), cwd=workspace["root"], timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_predict_scores_the_memorized_run_and_prints_before_after(workspace):
+    out = workspace["root"] / "pred"
+    result = run_infer(workspace, ["mode=predict", f"adapter={workspace['qwen']}/final",
+                                   f"predict.input=[{workspace['data']}]", f"predict.output_dir={out}",
+                                   "predict.baseline=true", "generation.max_new_tokens=96"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((out / "metrics.json").read_text())
+    before = json.loads((out / "metrics_base.json").read_text())
+    assert after["steps"] == {"call": 2, "final": 2, "general": 1} and after["records"] == 3
+    for name in ("format_validity", "tool_name_accuracy", "argument_exact_match", "argument_kv_f1",
+                 "final_answer_exact_match", "final_answer_rouge_l", "general_rouge_l"):
+        assert after[name] == 1.0, (name, after)
+    # Without its adapter the random tiny model gets none of it right.
+    assert before["tool_name_accuracy"] == 0.0 and before["final_answer_exact_match"] == 0.0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    parallel = next(r for r in rows if r["kind"] == "call" and len(r["reference"]["tool_calls"]) == 2)
+    assert parallel["prediction"]["tool_calls"] == parallel["reference"]["tool_calls"]
+    table = result.stdout[result.stdout.index("metric"):]
+    assert "before" in table and "after" in table and "+1.000" in table
+
+
+def test_predict_loads_a_checkpoint_and_compares_with_an_earlier_run(workspace):
+    out = workspace["root"] / "pred-ckpt"
+    result = run_infer(workspace, ["mode=predict", f"adapter={workspace['react']}/checkpoints/step-{STEPS}",
+                                   f"predict.input=[{workspace['data']}]", f"predict.output_dir={out}",
+                                   f"predict.compare={workspace['root'] / 'pred'}", "generation.max_new_tokens=96"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["template"] == "react" and metrics["argument_exact_match"] == 1.0
+    assert metrics["final_answer_exact_match"] == 1.0 and "change" in result.stdout
+
+
+def test_predict_names_bad_eval_records(workspace):
+    bad = workspace["root"] / "bad.jsonl"
+    bad.write_text(json.dumps(memorized_records()[2]) + "\n" + '{"messages": [{"role": "wizard", "content": "x"}]}\n')
+    result = run_infer(workspace, ["mode=predict", f"predict.input=[{bad}]"])
+    assert result.returncode == 1
+    assert f"{bad}:2: unknown role `wizard`" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_infer_config_names_the_key(workspace):
+    result = run_infer(workspace, ["mode=bogus"])
+    assert result.returncode == 1 and "mode: 'bogus' is not one of chat, agent, predict, serve" in result.stderr
+    result = run_infer(workspace, ["adapter=/no/such/run/final"])
+    assert result.returncode == 1 and "adapter=/no/such/run/final: no such directory" in result.stderr
+
+
+# ----------------------------------------------------------------------------- chat and agent
+
+
+def test_chat_through_stdin_with_a_manual_observation(workspace):
+    stdin = "\n".join([
+        "/tools on",
+        "What is 12*7?",
+        '{"result": 84}',  # typed by the user when the model stops at its tool call
+        "/tools off",
+        "/multi", "Say hello.", "/end",
+        "/exit",
+    ]) + "\n"
+    result = run_infer(workspace, [f"adapter={workspace['qwen']}/final", f"agent.tools=[{TOOLS_MODULE}]",
+                                   "generation.max_new_tokens=96"], stdin=stdin)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>' in out
+    assert 'observation for calculator({"expression": "12*7"})> ' in out
+    assert "assistant> 12*7 = 84.\n" in out  # generated after the typed observation
+    assert "assistant> Hello! How can I help?\n" in out  # the multi-line entry, after /tools off
+
+
+def test_agent_mode_calls_the_real_tool_and_saves_a_training_record(workspace):
+    saved = workspace["root"] / "trajectories.jsonl"
+    result = run_infer(workspace, ["mode=agent", f"adapter={workspace['react']}/final",
+                                   f"agent.tools=[{TOOLS_MODULE}]", "agent.query='What is 12*7?'",
+                                   f"agent.save={saved}", "generation.max_new_tokens=96"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '[call] calculator({"expression": "12*7"})' in result.stdout
+    assert '[observation] {"result": 84}' in result.stdout and "[answer] 12*7 = 84." in result.stdout
+    record = json.loads(saved.read_text())
+    assert record["reward"] is True
+    (conv,) = list(read_file(saved))  # a valid training record in the OpenAI format
+    assert [m.role for m in conv.messages] == ["user", "assistant", "tool", "assistant"]
+    assert conv.messages[1].tool_calls[0].args() == {"expression": "12*7"}
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(INFER_PY), "mode=serve", f"adapter={workspace['react']}/final",
+                             f"port={port}", "served_name=tiny-react", "generation.max_new_tokens=96",
+                             "max_queue=8"],
+                            env=infer_env(workspace), cwd=workspace["root"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise AssertionError("the server did not come up in 120 s")
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    import openai  # a dev requirement: the client users call the server with
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", max_retries=0)
+
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+CALC_TOOLS = [{"type": "function", "function": CALCULATOR.schema}]
+
+
+def test_serve_lists_the_model_and_answers(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-react"]
+    response = client.chat.completions.create(model="tiny-react", messages=HELLO, temperature=0, seed=1)
+    assert response.choices[0].message.content == "Hello! How can I help?"
+    assert response.choices[0].finish_reason == "stop" and response.usage.completion_tokens > 0
+
+
+def test_serve_streams_the_same_text(client):
+    chunks = list(client.chat.completions.create(model="tiny-react", messages=HELLO, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "Hello! How can I help?" and len(chunks) > 3
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_serve_stops_at_observation_like_ms_swift_deploy(client):
+    # A ReAct client writes the tool list into the system prompt itself and reads the Action.
+    messages = [{"role": "system", "content": react_system_prompt("", [CALCULATOR.schema])},
+                {"role": "user", "content": "What is 12*7?"}]
+    response = client.chat.completions.create(model="tiny-react", messages=messages, stop=["Observation:"])
+    content = response.choices[0].message.content
+    assert "Action: calculator\nAction Input: " in content and "Observation" not in content
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_serve_returns_tool_calls_and_continues_after_the_result(client):
+    ask = [{"role": "user", "content": "What is 12*7?"}]
+    first = client.chat.completions.create(model="tiny-react", messages=ask, tools=CALC_TOOLS)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "calculator" and json.loads(call.function.arguments) == {"expression": "12*7"}
+    follow = ask + [choice.message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": CALCULATOR({"expression": "12*7"})}]
+    second = client.chat.completions.create(model="tiny-react", messages=follow, tools=CALC_TOOLS)
+    assert second.choices[0].message.content == "12*7 = 84." and second.choices[0].finish_reason == "stop"
+    # Parallel calls, streamed: sent whole at the end, in order.
+    chunks = list(client.chat.completions.create(
+        model="tiny-react", messages=[{"role": "user", "content": "What are 3+4 and 5+6?"}], tools=CALC_TOOLS,
+        stream=True))
+    calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
+    assert [json.loads(c.function.arguments) for c in calls] == [{"expression": "3+4"}, {"expression": "5+6"}]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "unknown role `wizard`"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "follows no assistant tool call"),
+    ({"messages": []}, "messages"),
+    ({"messages": HELLO, "temperature": 5}, "temperature"),
+    ({"messages": HELLO, "n": 2}, "n:"),
+    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop takes up to 4"),
+])
+def test_serve_rejects_bad_requests_with_400(client, kwargs, needle):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-react", **kwargs)
+    assert info.value.status_code == 400 and needle in info.value.message
+
+
+def test_serve_queues_concurrent_requests(client):
+    answers, errors = [], []
+
+    def ask():
+        try:
+            answers.append(client.chat.completions.create(model="tiny-react", messages=HELLO).choices[0].message.content)
+        except Exception as err:  # collected, so the assertion below shows it
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and answers == ["Hello! How can I help?"] * 6
