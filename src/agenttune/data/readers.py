@@ -207,6 +207,7 @@ def read_sharegpt(record: dict, origin: str) -> Conversation:
     if system:
         messages.append(Message("system", _as_text(system, origin, "`system`")))
     position = 0  # human/observation at even positions (0-based), gpt/function_call at odd
+    more_results = 0  # a function_call with k parallel calls may be answered by k observation turns
     for turn in turns:
         if not isinstance(turn, dict):
             raise _err(origin, "each conversation turn must be an object", kind="bad_record")
@@ -221,6 +222,13 @@ def read_sharegpt(record: dict, origin: str) -> Conversation:
             messages.append(Message("system", value))
             continue
         expect_user = position % 2 == 0
+        if role == "tool" and not expect_user and more_results > 0 and messages[-1].role == "tool":
+            more_results -= 1  # the next result of the same parallel call: one tool message each
+            messages.append(Message("tool", value))
+            messages[-1].weight = _weight(turn, origin)
+            continue
+        if role != "tool":
+            more_results = 0
         if (role in ("user", "tool")) != expect_user:
             raise _err(origin, f"`{tag}` at turn {position + 1} breaks the alternation",
                        "human/observation must alternate with gpt/function_call", "role_order")
@@ -233,6 +241,7 @@ def read_sharegpt(record: dict, origin: str) -> Conversation:
                            'write {"name": ..., "arguments": {...}}', "bad_arguments") from None
             calls = [_call_from_obj(o, origin) for o in (obj if isinstance(obj, list) else [obj])]
             messages.append(Message("assistant", "", calls))
+            more_results = len(calls) - 1
         elif role == "assistant":
             reasoning, content = _split_think(value)
             messages.append(Message("assistant", content, reasoning=reasoning))

@@ -46,6 +46,9 @@ class SamplingConfig:
 class AgentConfig:
     tools: list[str] = field(default_factory=lambda: ["agenttune.demo_tools"])
     """Python modules whose ``TOOLS`` list the agent may call (see agenttune/tools.py)."""
+    offer: list[str] | None = None
+    """Names of the tools to declare to the model; None declares every tool of agent.tools. A model
+    trained on prompts that list a few tools does best when it is offered a few."""
     max_turns: int = 6
     """Model turns per question before giving up without a final answer."""
     query: str | None = None

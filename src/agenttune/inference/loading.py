@@ -80,7 +80,7 @@ def _load_plain(model_cfg: ModelConfig, cfg: InferConfig, device: torch.device) 
     model = load_base(model_cfg, inference_dtype(model_cfg, device), False, f"model.path={model_cfg.path}")
     tokenizer = build_tokenizer(model_cfg)
     template = cfg.template or template_of(tokenizer, model_cfg.template)
-    return Loaded(model, tokenizer, get_template(template), model_cfg.name if model_cfg.path == "tiny" else Path(path).name,
+    return Loaded(model, tokenizer, get_template(template), model_cfg.name if model_cfg.path in ("tiny", "tiny-demo") else Path(path).name,
                   has_adapter=False)
 
 

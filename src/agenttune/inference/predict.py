@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from agenttune.data.pipeline import resolve_path
 from agenttune.data.readers import read_file
 from agenttune.data.schema import Conversation, DataError, ToolCall
 from agenttune.inference.config import PredictConfig
@@ -42,11 +43,12 @@ class EvalDataError(ValueError):
 def load_eval(cfg: PredictConfig) -> list[Conversation]:
     """Every record of the eval files; bad records stop the run with their file:line, as in training."""
     convs, errors = [], []
-    for path in cfg.input:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"predict.input: {path} does not exist")
-        for item in read_file(path, cfg.format, cfg.source or "agent"):
-            (errors if isinstance(item, DataError) else convs).append(item)
+    for spec in cfg.input:
+        for path in resolve_path(spec):  # pkg://, synth:// and directories as in training
+            if not path.is_file():
+                raise FileNotFoundError(f"predict.input: {spec} does not exist")
+            for item in read_file(path, cfg.format, cfg.source or "agent"):
+                (errors if isinstance(item, DataError) else convs).append(item)
     if errors:
         raise EvalDataError(errors)
     if cfg.source is None:  # a record that declares no tools is general chat

@@ -1,0 +1,1021 @@
+"""The embedded default data: a synthetic tool-use world built by calling ``agenttune.demo_tools``.
+
+    python -m agenttune.data.synth --out DIR [--seed 0] [--train N] [--heldout M]
+        [--general K] [--general-heldout K2] [--failed F] [--distractors D]
+
+Every observation is the real output of a demo tool, every final answer is a templated
+sentence quoting the values in those observations (so exact match on the final answer is a
+meaningful metric; each record's ``meta.gold`` holds it), and the same seed always writes the
+same bytes. Files written to DIR:
+
+- ``agent_train.sharegpt.jsonl`` / ``agent_heldout.sharegpt.jsonl``: ShareGPT tool calls
+  (human / function_call / observation / gpt, ``tools`` as a JSON string, ``system``).
+- ``agent_train.ms_agent.jsonl`` / ``agent_heldout.ms_agent.jsonl``: the same episodes as
+  ms-agent ReAct text (``Thought:`` / ``Action:`` / ``Action Input:`` / ``Observation:`` /
+  ``Final Answer:``), the APIs listed in the system prompt.
+- ``general_train.jsonl`` / ``general_heldout.jsonl``: Alpaca records (arithmetic, capitals,
+  word length, sorting, rewriting), to measure forgetting of non-agent skills.
+- ``trajectories.jsonl``: ShareGPT records with ``reward``: every training episode
+  (``reward: true``) plus deliberately failed attempts at them (``reward: false``: wrong tool,
+  bad arguments, no final answer, wrong answer), the input of ``agenttune.data.filter``.
+- ``manifest.json``: counts by file, task, shape, language and number of calls.
+
+Agent episodes need 0 tool calls (chit-chat, requests no tool can serve), 1 call, 2 calls in
+sequence (the second call's arguments come from the first result), 2 parallel calls (one
+assistant turn), or span two user turns. Prompts are English or Chinese in both splits.
+
+The held-out split never shares a prompt phrasing (template id) or an entity (city, product,
+SKU, aisle, date, number) with training: entity pools are partitioned up front
+(:func:`agent_pools`) and the phrasing tables are split by hand. Final-answer sentences are
+shared, because a model cannot be asked to produce a sentence shape it never saw.
+General held-out items are (question, entities) never seen in training; capitals are facts,
+so held-out capital questions ask countries seen in training with unseen phrasings.
+
+Sizes are small on purpose: a tiny model trains on this on CPU in minutes, so each sample
+offers only the tools it needs plus --distractors others (the tool list is rendered into
+every prompt), and every tool still appears across the set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..demo_tools import CATEGORIES, CITIES, PRODUCTS, TOOLS, TOOLS_BY_NAME, YEAR, stable_int
+from ..inference.agent import run_tool
+from .schema import ToolCall, canonical_json
+from .templates import react_system_prompt
+
+SPLITS = ("train", "heldout")
+LANGS = ("en", "zh")
+LANG_WEIGHTS = (0.65, 0.35)
+"""Chinese costs about three byte-level tokens per character with the tiny tokenizer."""
+SYSTEM = "You are a helpful assistant with tools."
+DISTRACTORS = 1
+"""Default number of tools offered beyond the ones a sample needs (0-call samples get one more)."""
+SCHEMAS = {t.name: t.schema for t in TOOLS}
+
+
+# ----------------------------------------------------------------------------- entity pools
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The entities one split may put into prompts; train and held-out pools are disjoint."""
+
+    cities: tuple[str, ...]
+    products: tuple[dict, ...]
+    categories: tuple[str, ...]
+    dates: tuple[str, ...]
+    numbers: tuple[int, ...]
+
+    def small_numbers(self) -> tuple[int, ...]:
+        """Counts of people or items (2..9)."""
+        return tuple(n for n in self.numbers if n <= 9)
+
+
+HELDOUT_CATEGORIES = ("bakery", "drinks")
+
+
+def agent_pools(split: str) -> Pools:
+    """Every 4th city and product, two aisles, a hash-chosen quarter of the days of the year
+    and the numbers 2, 6, 10, ... go to the held-out split; the rest to training."""
+    held = split == "heldout"
+    cities = tuple(c for i, c in enumerate(sorted(CITIES)) if (i % 4 == 3) == held)
+    products = tuple(p for i, p in enumerate(PRODUCTS) if (i % 4 == 3) == held)
+    categories = tuple(c for c in CATEGORIES if (c in HELDOUT_CATEGORIES) == held)
+    days = [dt.date(YEAR, 1, 1) + dt.timedelta(days=k) for k in range(365)]
+    dates = tuple(d.isoformat() for d in days if (stable_int("split", d.isoformat()) % 4 == 0) == held)
+    numbers = tuple(n for n in range(2, 100) if (n % 4 == 2) == held)
+    return Pools(cities, products, categories, dates, numbers)
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+@dataclass
+class Call:
+    name: str
+    arguments: dict
+    observation: str
+
+
+@dataclass
+class Step:
+    """One assistant action: a thought and the calls it issues together (2+ = parallel)."""
+
+    thought: str
+    calls: list[Call]
+
+
+@dataclass
+class Turn:
+    user: str
+    steps: list[Step]
+    answer: str | None
+    """None only in failed trajectories that stop without a final answer."""
+    final_thought: str = "I now know the final answer"
+
+
+@dataclass
+class Episode:
+    task: str
+    lang: str
+    templates: list[str]
+    turns: list[Turn]
+    needs: list[str]
+    """Tools the task uses; the sample offers these plus distractors."""
+    entities: dict[str, list] = field(default_factory=dict)
+    """What the prompts name, by kind (cities, dates, numbers, products, skus, categories)."""
+    tools: list[str] = field(default_factory=list)
+    """The tools offered, in prompt order (set by :func:`offer_tools`)."""
+
+    def shape(self) -> str:
+        steps = [s for t in self.turns for s in t.steps]
+        if len(self.turns) > 1:
+            return "multi_turn"
+        if any(len(s.calls) > 1 for s in steps):
+            return "parallel"
+        return {0: "none", 1: "single"}.get(len(steps), "sequential")
+
+    def n_calls(self) -> int:
+        return sum(len(s.calls) for t in self.turns for s in t.steps)
+
+
+def observe(name: str, arguments: dict) -> str:
+    """The observation exactly as ``infer.py mode=agent`` shows it to the model: the tool's
+    output, or ``Error: ...`` when the call is wrong (so failed trajectories read like real ones)."""
+    return run_tool(ToolCall(name, canonical_json(arguments)), TOOLS_BY_NAME)[0]
+
+
+def call(name: str, **arguments) -> tuple[Call, dict]:
+    """Run a demo tool for a task; return the call and its parsed result for the next step."""
+    obs, ok = run_tool(ToolCall(name, canonical_json(arguments)), TOOLS_BY_NAME)
+    if not ok:  # the task drew entities the tool does not know: a bug in this module
+        raise RuntimeError(f"demo tool {name} refused {arguments}: {obs}")
+    return Call(name, arguments, obs), json.loads(obs)
+
+
+# ----------------------------------------------------------------------------- phrasings
+
+# kind -> lang -> split -> phrasings. Template ids are "kind.lang.t0" (train) / "kind.lang.h0".
+P = dict[str, dict[str, list[str]]]
+PHRASES: dict[str, P] = {
+    "greet": {
+        "en": {"train": ["Hi!", "Hello there.", "What can you do?"], "heldout": ["Hey, how can you help me?"]},
+        "zh": {"train": ["你好！", "嗨，你好。", "你能做什么？"], "heldout": ["你可以帮我做些什么？"]},
+    },
+    "cannot": {
+        "en": {"train": ["Book a hotel in {city} for {date}.", "Reserve a table for two in {city} tonight.",
+                         "What is the stock price of {city} Airlines?"],
+               "heldout": ["Rent me a car in {city} on {date}."]},
+        "zh": {"train": ["帮我在 {city} 订一家 {date} 的酒店。", "帮我在 {city} 订一张今晚两人的餐桌。",
+                         "{city} 航空的股价是多少？"],
+               "heldout": ["帮我在 {city} 租一辆 {date} 的车。"]},
+    },
+    "calc": {
+        "en": {"train": ["What is {expr}?", "Calculate {expr}.", "Compute {expr} for me."],
+               "heldout": ["Please work out {expr}."]},
+        "zh": {"train": ["{expr} 等于多少？", "帮我算一下 {expr}。", "计算 {expr}。"], "heldout": ["请算出 {expr} 的结果。"]},
+    },
+    "convert": {
+        "en": {"train": ["Convert {value} {from_unit} to {to_unit}.", "How many {to_unit} is {value} {from_unit}?",
+                         "What is {value} {from_unit} in {to_unit}?"],
+               "heldout": ["Express {value} {from_unit} in {to_unit}, please."]},
+        "zh": {"train": ["把 {value} {from_unit} 换算成 {to_unit}。", "{value} {from_unit} 是多少 {to_unit}？",
+                         "{value} {from_unit} 等于几 {to_unit}？"],
+               "heldout": ["请将 {value} {from_unit} 转换为 {to_unit}。"]},
+    },
+    "weather": {
+        "en": {"train": ["What's the weather in {city} on {date}?", "Weather for {city} on {date}, please.",
+                         "How is the weather in {city} on {date}?"],
+               "heldout": ["Will it be nice in {city} on {date}?"]},
+        "zh": {"train": ["{city} 在 {date} 的天气怎么样？", "查一下 {city} {date} 的天气。", "{date} {city} 天气如何？"],
+               "heldout": ["{date} 去 {city} 天气好吗？"]},
+    },
+    "days": {
+        "en": {"train": ["How many days are there from {start} to {end}?", "Count the days between {start} and {end}.",
+                         "How many days from {start} until {end}?"],
+               "heldout": ["What's the number of days from {start} to {end}?"]},
+        "zh": {"train": ["从 {start} 到 {end} 有多少天？", "{start} 和 {end} 之间相隔几天？", "计算 {start} 到 {end} 的天数。"],
+               "heldout": ["{start} 距离 {end} 有几天？"]},
+    },
+    "aisle": {
+        "en": {"train": ["What {category} do you sell?", "List the {category} products.",
+                         "Show me your {category} items."],
+               "heldout": ["Which {category} products are available?"]},
+        "zh": {"train": ["你们有哪些 {category} 类商品？", "列出 {category} 类的商品。", "看看 {category} 类有什么。"],
+               "heldout": ["{category} 类商品有哪些？"]},
+    },
+    "flights": {
+        "en": {"train": ["Find flights from {origin} to {destination} on {date}.",
+                         "Which flights go from {origin} to {destination} on {date}?",
+                         "Search flights {origin} to {destination}, {date}."],
+               "heldout": ["Any flights from {origin} to {destination} on {date}?"]},
+        "zh": {"train": ["查找 {date} 从 {origin} 到 {destination} 的航班。", "{date} 从 {origin} 飞 {destination} 有哪些航班？",
+                         "搜索 {origin} 到 {destination} {date} 的航班。"],
+               "heldout": ["{date} 有从 {origin} 去 {destination} 的航班吗？"]},
+    },
+    "price": {
+        "en": {"train": ["How much does {product} cost?", "What's the price of {product}?",
+                         "Price of {product}, please."],
+               "heldout": ["How much is {product} in your shop?"]},
+        "zh": {"train": ["{product} 多少钱？", "{product} 的价格是多少？", "查一下 {product} 的价格。"],
+               "heldout": ["你们店的 {product} 卖多少钱？"]},
+    },
+    "temp_f": {
+        "en": {"train": ["What's the temperature in {city} on {date} in Fahrenheit?",
+                         "How warm is {city} on {date}, in °F?",
+                         "Give me the temperature of {city} on {date} in Fahrenheit."],
+               "heldout": ["In Fahrenheit, how hot will {city} be on {date}?"]},
+        "zh": {"train": ["{city} {date} 的气温是多少华氏度？", "{date} {city} 的气温换算成华氏度是多少？",
+                         "用华氏度告诉我 {city} 在 {date} 的气温。"],
+               "heldout": ["{city} 在 {date} 有多少华氏度？"]},
+    },
+    "trip_cost": {
+        "en": {"train": ["What does the cheapest flight from {origin} to {destination} on {date} cost for {n} people?",
+                         "Cheapest fare from {origin} to {destination} on {date} for {n} passengers, in total?",
+                         "Total price of the cheapest {origin} to {destination} flight on {date} for {n} people?"],
+               "heldout": ["For {n} travellers, how much is the cheapest flight {origin} to {destination} on {date}?"]},
+        "zh": {"train": ["{date} 从 {origin} 到 {destination} 最便宜的航班，{n} 个人一共多少钱？",
+                         "{n} 个人坐 {date} {origin} 到 {destination} 最便宜的航班要多少钱？",
+                         "算一下 {date} {origin} 飞 {destination} 最便宜的航班 {n} 人的总价。"],
+               "heldout": ["{n} 位乘客乘 {date} 从 {origin} 去 {destination} 最便宜的航班，总价多少？"]},
+    },
+    "total": {
+        "en": {"train": ["I have {a} {u1} and {b} {u2}. How many {u2} is that in total?",
+                         "What is {a} {u1} plus {b} {u2}, in {u2}?",
+                         "Add {a} {u1} and {b} {u2} and give the total in {u2}."],
+               "heldout": ["Sum {a} {u1} with {b} {u2}; answer in {u2}."]},
+        "zh": {"train": ["{a} {u1} 加上 {b} {u2} 一共多少 {u2}？", "我有 {a} {u1} 和 {b} {u2}，总共是多少 {u2}？",
+                         "把 {a} {u1} 和 {b} {u2} 相加，用 {u2} 表示。"],
+               "heldout": ["{a} {u1} 与 {b} {u2} 合计几 {u2}？"]},
+    },
+    "weather_pair": {
+        "en": {"train": ["Compare the weather in {city} and {city2} on {date}.",
+                         "What's the weather in {city} and in {city2} on {date}?",
+                         "Weather on {date} for {city} and {city2}?"],
+               "heldout": ["How do {city} and {city2} look weather-wise on {date}?"]},
+        "zh": {"train": ["比较 {date} {city} 和 {city2} 的天气。", "{date} {city} 和 {city2} 的天气怎么样？",
+                         "查一下 {city} 和 {city2} 在 {date} 的天气。"],
+               "heldout": ["{date} 那天 {city} 与 {city2} 天气各如何？"]},
+    },
+    "price_pair": {
+        "en": {"train": ["Compare the prices of {sku} and {sku2}.", "How much are {sku} and {sku2}?",
+                         "Prices for SKUs {sku} and {sku2}?"],
+               "heldout": ["What do items {sku} and {sku2} cost?"]},
+        "zh": {"train": ["比较 {sku} 和 {sku2} 的价格。", "{sku} 和 {sku2} 各多少钱？", "查询 {sku} 与 {sku2} 的价格。"],
+               "heldout": ["商品 {sku} 和 {sku2} 分别卖多少？"]},
+    },
+    # Second user turns of the multi-turn tasks (the first turn uses the single-task phrasings).
+    "weather_more": {
+        "en": {"train": ["And in {city2}?", "What about {city2}?", "How about {city2}?"],
+               "heldout": ["And {city2}, same day?"]},
+        "zh": {"train": ["那 {city2} 呢？", "{city2} 呢？", "再查一下 {city2}。"], "heldout": ["同一天 {city2} 怎么样？"]},
+    },
+    "calc_more": {
+        "en": {"train": ["Now multiply that by {c}.", "Times {c}?", "And that times {c}?"],
+               "heldout": ["Multiply the result by {c}."]},
+        "zh": {"train": ["再乘以 {c}。", "结果乘 {c} 呢？", "那再乘以 {c} 是多少？"], "heldout": ["把结果乘上 {c}。"]},
+    },
+    "stock_more": {
+        "en": {"train": ["Is it in stock?", "Do you have it in stock?", "Can I buy it today?"],
+               "heldout": ["Any left on the shelf?"]},
+        "zh": {"train": ["有货吗？", "现在有库存吗？", "今天能买到吗？"], "heldout": ["货架上还有吗？"]},
+    },
+}
+
+# Final-answer sentences, shared by both splits (see the module docstring).
+ANSWERS: dict[str, dict[str, str]] = {
+    "greet": {"en": "Hello! I can check weather, flights, groceries, dates, units and arithmetic. What do you need?",
+              "zh": "你好！我可以查天气、航班、商品、日期，换算单位和做计算。需要什么帮助？"},
+    "cannot": {"en": "Sorry, I can't do that. My tools cover weather, flights, groceries, dates, units and arithmetic.",
+               "zh": "抱歉，我做不到。我的工具只能查天气、航班、商品、日期，换算单位和做计算。"},
+    "calc": {"en": "{expr} = {result}.", "zh": "{expr} 等于 {result}。"},
+    "convert": {"en": "{value} {from_unit} is {result} {to_unit}.", "zh": "{value} {from_unit} 等于 {result} {to_unit}。"},
+    "weather": {"en": "{city} on {date}: {condition}, {temp_c}°C.", "zh": "{city} {date}：{condition_zh}，{temp_c}°C。"},
+    "days": {"en": "There are {days} days from {start} to {end}.", "zh": "从 {start} 到 {end} 共 {days} 天。"},
+    "aisle": {"en": "{category}: {names}.", "zh": "{category} 类有：{names}。"},
+    "flights": {"en": "{count} flights from {origin} to {destination} on {date}; the cheapest is {flight} "
+                      "at {depart} for ${price}.",
+                "zh": "{date} 从 {origin} 到 {destination} 有 {count} 个航班，最便宜的是 {flight}，{depart} 起飞，{price} 美元。"},
+    "price": {"en": "{name} ({sku}) costs ${price} per {unit}.", "zh": "{name}（{sku}）每 {unit} {price} 美元。"},
+    "temp_f": {"en": "{city} on {date}: {temp_c}°C, which is {temp_f}°F.",
+               "zh": "{city} {date} 气温 {temp_c}°C，即 {temp_f}°F。"},
+    "trip_cost": {"en": "The cheapest is {flight} at ${price} per person; for {n} people that is ${total}.",
+                  "zh": "最便宜的是 {flight}，每人 {price} 美元，{n} 人共 {total} 美元。"},
+    "total": {"en": "{a} {u1} is {converted} {u2}, so the total is {total} {u2}.",
+              "zh": "{a} {u1} 是 {converted} {u2}，合计 {total} {u2}。"},
+    "weather_pair": {"en": "On {date}, {city}: {condition}, {temp_c}°C; {city2}: {condition2}, {temp_c2}°C.",
+                     "zh": "{date}，{city}：{condition_zh}，{temp_c}°C；{city2}：{condition2_zh}，{temp_c2}°C。"},
+    "price_pair": {"en": "{name} ({sku}) costs ${price} and {name2} ({sku2}) costs ${price2}.",
+                   "zh": "{name}（{sku}）{price} 美元，{name2}（{sku2}）{price2} 美元。"},
+    "in_stock": {"en": "Yes, {name} is in stock: {in_stock} left.", "zh": "有货，{name} 还剩 {in_stock} 件。"},
+    "out_of_stock": {"en": "No, {name} is out of stock.", "zh": "没有，{name} 已经缺货。"},
+    "failed": {"en": "Sorry, I could not find that.", "zh": "抱歉，我没能查到。"},
+}
+CONDITION_ZH = {"sunny": "晴", "cloudy": "多云", "rain": "雨", "snow": "雪", "windy": "大风", "fog": "雾"}
+
+
+def phrase(rng: random.Random, kind: str, lang: str, split: str) -> tuple[str, str]:
+    """A random phrasing of ``kind`` for the split, with its template id."""
+    options = PHRASES[kind][lang][split]
+    i = rng.randrange(len(options))
+    return f"{kind}.{lang}.{split[0]}{i}", options[i]
+
+
+def answer(kind: str, lang: str, **values) -> str:
+    return ANSWERS[kind][lang].format(**values)
+
+
+# ----------------------------------------------------------------------------- tasks
+# Each task builds one Episode for (pools, lang, split); it calls the demo tools for real and
+# quotes their results, so the data can never disagree with the tools.
+
+
+@dataclass(frozen=True)
+class Ctx:
+    rng: random.Random
+    pools: Pools
+    lang: str
+    split: str
+
+    def phrase(self, kind: str) -> tuple[str, str]:
+        return phrase(self.rng, kind, self.lang, self.split)
+
+    def pick(self, items):
+        return items[self.rng.randrange(len(items))]
+
+    def two(self, items):
+        a, b = self.rng.sample(range(len(items)), 2)
+        return items[a], items[b]
+
+    def date_pair(self) -> tuple[str, str]:
+        return tuple(sorted(self.two(self.pools.dates)))
+
+
+def _one(ctx: Ctx, task: str, fields: dict, thought: str, c: Call, answer_text: str, entities: dict) -> Episode:
+    tid, text = ctx.phrase(task)
+    turn = Turn(text.format(**fields), [Step(thought, [c])], answer_text)
+    return Episode(task, ctx.lang, [tid], [turn], [c.name], entities)
+
+
+def task_greet(ctx: Ctx) -> Episode:
+    tid, text = ctx.phrase("greet")
+    turn = Turn(text, [], answer("greet", ctx.lang), final_thought="No tool is needed")
+    return Episode("greet", ctx.lang, [tid], [turn], [])
+
+
+def task_cannot(ctx: Ctx) -> Episode:
+    city, date = ctx.pick(ctx.pools.cities), ctx.pick(ctx.pools.dates)
+    tid, text = ctx.phrase("cannot")
+    turn = Turn(text.format(city=city, date=date), [], answer("cannot", ctx.lang),
+                final_thought="None of my tools can do this")
+    used = {"cities": [city]} | ({"dates": [date]} if "{date}" in text else {})
+    return Episode("cannot", ctx.lang, [tid], [turn], [], used)
+
+
+def _expression(ctx: Ctx) -> tuple[str, list[int]]:
+    nums = ctx.pools.numbers
+    a, b, c = ctx.pick(nums), ctx.pick(nums), ctx.pick(ctx.pools.small_numbers())
+    form = ctx.rng.randrange(5)
+    if form == 3:
+        return f"({a} + {b}) * {c}", [a, b, c]
+    if form == 4:
+        return f"{a} * {c} - {b}", [a, b, c]
+    return f"{a} {'+-*'[form]} {b}", [a, b]
+
+
+def task_calc(ctx: Ctx) -> Episode:
+    expr, nums = _expression(ctx)
+    c, r = call("calculator", expression=expr)
+    return _one(ctx, "calc", {"expr": expr}, f"I will compute {expr}.", c,
+                answer("calc", ctx.lang, expr=expr, result=r["result"]), {"numbers": nums})
+
+
+CONVERSIONS = (("km", "mi"), ("mi", "km"), ("kg", "lb"), ("lb", "kg"), ("C", "F"), ("F", "C"), ("l", "gal"),
+               ("gal", "l"), ("ft", "m"), ("m", "ft"), ("in", "cm"), ("g", "oz"), ("oz", "g"), ("ml", "l"))
+
+
+def task_convert(ctx: Ctx) -> Episode:
+    (u1, u2), value = ctx.pick(CONVERSIONS), ctx.pick(ctx.pools.numbers)
+    c, r = call("convert_units", value=value, from_unit=u1, to_unit=u2)
+    fields = {"value": value, "from_unit": u1, "to_unit": u2}
+    return _one(ctx, "convert", fields, f"I will convert {value} {u1} to {u2}.", c,
+                answer("convert", ctx.lang, result=r["value"], **fields), {"numbers": [value]})
+
+
+def _weather_fields(r: dict, suffix: str = "") -> dict:
+    return {f"condition{suffix}": r["condition"], f"condition{suffix}_zh": CONDITION_ZH[r["condition"]],
+            f"temp_c{suffix}": r["temp_c"]}
+
+
+def task_weather(ctx: Ctx) -> Episode:
+    city, date = ctx.pick(ctx.pools.cities), ctx.pick(ctx.pools.dates)
+    c, r = call("get_weather", city=city, date=date)
+    return _one(ctx, "weather", {"city": city, "date": date}, f"I need the weather in {city} on {date}.", c,
+                answer("weather", ctx.lang, city=city, date=date, **_weather_fields(r)),
+                {"cities": [city], "dates": [date]})
+
+
+def task_days(ctx: Ctx) -> Episode:
+    start, end = ctx.date_pair()
+    c, r = call("date_diff", start=start, end=end)
+    return _one(ctx, "days", {"start": start, "end": end}, f"I will count the days from {start} to {end}.", c,
+                answer("days", ctx.lang, start=start, end=end, days=r["days"]), {"dates": [start, end]})
+
+
+def task_aisle(ctx: Ctx) -> Episode:
+    category = ctx.pick(ctx.pools.categories)
+    c, r = call("search_products", category=category)
+    names = ("、" if ctx.lang == "zh" else ", ").join(p["name"] for p in r["results"])
+    return _one(ctx, "aisle", {"category": category}, f"I will list the {category} aisle.", c,
+                answer("aisle", ctx.lang, category=category, names=names), {"categories": [category]})
+
+
+def _cheapest(flights: list[dict]) -> dict:
+    return min(flights, key=lambda f: f["price"])
+
+
+def task_flights(ctx: Ctx) -> Episode:
+    (origin, destination), date = ctx.two(ctx.pools.cities), ctx.pick(ctx.pools.dates)
+    c, r = call("search_flights", origin=origin, destination=destination, date=date)
+    best = _cheapest(r["flights"])
+    fields = {"origin": origin, "destination": destination, "date": date}
+    return _one(ctx, "flights", fields, f"I will search flights from {origin} to {destination} on {date}.", c,
+                answer("flights", ctx.lang, count=len(r["flights"]), **fields, **best),
+                {"cities": [origin, destination], "dates": [date]})
+
+
+def _find_product(product: dict) -> tuple[Step, Step, dict]:
+    """Search by name, then look up the SKU the search returned (not the one we know)."""
+    c1, found = call("search_products", query=product["name"])
+    sku = found["results"][0]["sku"]
+    c2, details = call("get_product", sku=sku)
+    return (Step(f"I need the SKU of {product['name']}.", [c1]), Step(f"Now I look up {sku}.", [c2]), details)
+
+
+def task_price(ctx: Ctx) -> Episode:
+    product = ctx.pick(ctx.pools.products)
+    s1, s2, d = _find_product(product)
+    tid, text = ctx.phrase("price")
+    turn = Turn(text.format(product=product["name"]), [s1, s2], answer("price", ctx.lang, **d))
+    return Episode("price", ctx.lang, [tid], [turn], ["search_products", "get_product"],
+                   {"products": [product["name"]]})
+
+
+def task_temp_f(ctx: Ctx) -> Episode:
+    city, date = ctx.pick(ctx.pools.cities), ctx.pick(ctx.pools.dates)
+    c1, w = call("get_weather", city=city, date=date)
+    c2, f = call("convert_units", value=w["temp_c"], from_unit="C", to_unit="F")
+    tid, text = ctx.phrase("temp_f")
+    steps = [Step(f"I need the weather in {city} on {date}.", [c1]),
+             Step(f"Now I convert {w['temp_c']} C to F.", [c2])]
+    turn = Turn(text.format(city=city, date=date), steps,
+                answer("temp_f", ctx.lang, city=city, date=date, temp_c=w["temp_c"], temp_f=f["value"]))
+    return Episode("temp_f", ctx.lang, [tid], [turn], ["get_weather", "convert_units"],
+                   {"cities": [city], "dates": [date]})
+
+
+def task_trip_cost(ctx: Ctx) -> Episode:
+    (origin, destination), date = ctx.two(ctx.pools.cities), ctx.pick(ctx.pools.dates)
+    n = ctx.pick(ctx.pools.small_numbers())
+    c1, r = call("search_flights", origin=origin, destination=destination, date=date)
+    best = _cheapest(r["flights"])
+    c2, t = call("calculator", expression=f"{best['price']} * {n}")
+    tid, text = ctx.phrase("trip_cost")
+    steps = [Step(f"I will search flights from {origin} to {destination} on {date}.", [c1]),
+             Step(f"The cheapest is {best['flight']}; I multiply its price by {n}.", [c2])]
+    turn = Turn(text.format(origin=origin, destination=destination, date=date, n=n), steps,
+                answer("trip_cost", ctx.lang, flight=best["flight"], price=best["price"], n=n, total=t["result"]))
+    return Episode("trip_cost", ctx.lang, [tid], [turn], ["search_flights", "calculator"],
+                   {"cities": [origin, destination], "dates": [date], "numbers": [n]})
+
+
+TOTAL_UNITS = (("mi", "km"), ("lb", "kg"), ("ft", "m"), ("gal", "l"), ("oz", "g"), ("km", "mi"))
+
+
+def task_total(ctx: Ctx) -> Episode:
+    (u1, u2), a, b = ctx.pick(TOTAL_UNITS), ctx.pick(ctx.pools.numbers), ctx.pick(ctx.pools.numbers)
+    c1, conv = call("convert_units", value=a, from_unit=u1, to_unit=u2)
+    c2, t = call("calculator", expression=f"{conv['value']} + {b}")
+    tid, text = ctx.phrase("total")
+    steps = [Step(f"I convert {a} {u1} to {u2} first.", [c1]), Step(f"Now I add {b} {u2}.", [c2])]
+    turn = Turn(text.format(a=a, b=b, u1=u1, u2=u2), steps,
+                answer("total", ctx.lang, a=a, u1=u1, u2=u2, converted=conv["value"], total=t["result"]))
+    return Episode("total", ctx.lang, [tid], [turn], ["convert_units", "calculator"], {"numbers": [a, b]})
+
+
+def task_weather_pair(ctx: Ctx) -> Episode:
+    (city, city2), date = ctx.two(ctx.pools.cities), ctx.pick(ctx.pools.dates)
+    c1, w1 = call("get_weather", city=city, date=date)
+    c2, w2 = call("get_weather", city=city2, date=date)
+    tid, text = ctx.phrase("weather_pair")
+    turn = Turn(text.format(city=city, city2=city2, date=date),
+                [Step(f"I need the weather in {city} and {city2} on {date}.", [c1, c2])],
+                answer("weather_pair", ctx.lang, city=city, city2=city2, date=date,
+                       **_weather_fields(w1), **_weather_fields(w2, "2")))
+    return Episode("weather_pair", ctx.lang, [tid], [turn], ["get_weather"],
+                   {"cities": [city, city2], "dates": [date]})
+
+
+def task_price_pair(ctx: Ctx) -> Episode:
+    p1, p2 = ctx.two(ctx.pools.products)
+    c1, d1 = call("get_product", sku=p1["sku"])
+    c2, d2 = call("get_product", sku=p2["sku"])
+    tid, text = ctx.phrase("price_pair")
+    turn = Turn(text.format(sku=p1["sku"], sku2=p2["sku"]),
+                [Step(f"I look up {p1['sku']} and {p2['sku']}.", [c1, c2])],
+                answer("price_pair", ctx.lang, name=d1["name"], sku=d1["sku"], price=d1["price"],
+                       name2=d2["name"], sku2=d2["sku"], price2=d2["price"]))
+    return Episode("price_pair", ctx.lang, [tid], [turn], ["get_product"], {"skus": [p1["sku"], p2["sku"]]})
+
+
+def task_weather_more(ctx: Ctx) -> Episode:
+    first = task_weather(ctx)
+    city2 = ctx.pick([c for c in ctx.pools.cities if c not in first.entities["cities"]])
+    date = first.entities["dates"][0]
+    c, r = call("get_weather", city=city2, date=date)
+    tid, text = ctx.phrase("weather_more")
+    first.turns.append(Turn(text.format(city2=city2), [Step(f"I need the weather in {city2} on {date}.", [c])],
+                            answer("weather", ctx.lang, city=city2, date=date, **_weather_fields(r))))
+    first.task, first.templates = "weather_more", first.templates + [tid]
+    first.entities["cities"].append(city2)
+    return first
+
+
+def task_calc_more(ctx: Ctx) -> Episode:
+    first = task_calc(ctx)
+    previous = json.loads(first.turns[0].steps[0].calls[0].observation)["result"]
+    k = ctx.pick(ctx.pools.small_numbers())
+    expr = f"{previous} * {k}"
+    c, r = call("calculator", expression=expr)
+    tid, text = ctx.phrase("calc_more")
+    first.turns.append(Turn(text.format(c=k), [Step(f"I will compute {expr}.", [c])],
+                            answer("calc", ctx.lang, expr=expr, result=r["result"])))
+    first.task, first.templates = "calc_more", first.templates + [tid]
+    first.entities["numbers"].append(k)
+    return first
+
+
+def task_stock_more(ctx: Ctx) -> Episode:
+    """The follow-up is answered from the earlier observation, with no new call."""
+    first = task_price(ctx)
+    details = json.loads(first.turns[0].steps[1].calls[0].observation)
+    kind = "in_stock" if details["in_stock"] > 0 else "out_of_stock"
+    tid, text = ctx.phrase("stock_more")
+    first.turns.append(Turn(text, [], answer(kind, ctx.lang, **details),
+                            final_thought="The product lookup above answers this"))
+    first.task, first.templates = "stock_more", first.templates + [tid]
+    return first
+
+
+@dataclass(frozen=True)
+class Task:
+    build: Callable[[Ctx], Episode]
+    weight: float
+    """Relative frequency in a split."""
+
+
+TASKS: dict[str, Task] = {
+    "greet": Task(task_greet, 2), "cannot": Task(task_cannot, 5),
+    "calc": Task(task_calc, 8), "convert": Task(task_convert, 7), "weather": Task(task_weather, 8),
+    "days": Task(task_days, 6), "aisle": Task(task_aisle, 5), "flights": Task(task_flights, 6),
+    "price": Task(task_price, 8), "temp_f": Task(task_temp_f, 6), "trip_cost": Task(task_trip_cost, 6),
+    "total": Task(task_total, 5),
+    "weather_pair": Task(task_weather_pair, 7), "price_pair": Task(task_price_pair, 5),
+    "weather_more": Task(task_weather_more, 5), "calc_more": Task(task_calc_more, 4),
+    "stock_more": Task(task_stock_more, 4),
+}
+
+
+def episode_key(ep: Episode) -> str:
+    """What makes two samples the same to train on: the messages (tools offered aside)."""
+    return canonical_json([[t.user, [[c.name, c.arguments] for s in t.steps for c in s.calls], t.answer]
+                           for t in ep.turns])
+
+
+def offer_tools(ep: Episode, rng: random.Random, distractors: int = DISTRACTORS) -> None:
+    """The tools the task needs plus distractors, in a random order. A sample that needs no
+    tool still gets one more, so it always shows tools that must not be called."""
+    others = [t.name for t in TOOLS if t.name not in ep.needs]
+    offered = list(ep.needs) + rng.sample(others, min(len(others), distractors + (not ep.needs)))
+    rng.shuffle(offered)
+    ep.tools = offered
+
+
+def agent_episodes(n: int, split: str, seed: int, distractors: int = DISTRACTORS) -> list[Episode]:
+    """``n`` distinct episodes. The first ones cycle through every (task, language) pair so
+    each appears whenever n allows; the rest are drawn by task weight."""
+    rng = random.Random(f"{seed}:agent:{split}")
+    pools = agent_pools(split)
+    names = list(TASKS)
+    weights = [TASKS[name].weight for name in names]
+    cycle = [(name, lang) for name in names for lang in LANGS]
+    episodes: list[Episode] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(episodes) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise RuntimeError(f"could not draw {n} distinct {split} episodes ({len(episodes)} so far); "
+                               "ask for fewer or add phrasings/entities")
+        if attempts <= len(cycle):
+            name, lang = cycle[attempts - 1]
+        else:
+            name, lang = rng.choices(names, weights)[0], rng.choices(LANGS, LANG_WEIGHTS)[0]
+        ep = TASKS[name].build(Ctx(rng, pools, lang, split))
+        key = episode_key(ep)
+        if key in seen:
+            continue
+        seen.add(key)
+        offer_tools(ep, rng, distractors)
+        episodes.append(ep)
+    return episodes
+
+
+# ----------------------------------------------------------------------------- failed trajectories
+
+
+def example_arguments(name: str, ctx: Ctx) -> dict:
+    """Plausible arguments for calling ``name`` where it does not belong (wrong-tool failures)."""
+    p = ctx.pools
+    if name == "calculator":
+        return {"expression": f"{ctx.pick(p.numbers)} + {ctx.pick(p.numbers)}"}
+    if name == "convert_units":
+        return {"value": ctx.pick(p.numbers), "from_unit": "km", "to_unit": "mi"}
+    if name == "get_weather":
+        return {"city": ctx.pick(p.cities), "date": ctx.pick(p.dates)}
+    if name == "date_diff":
+        start, end = ctx.date_pair()
+        return {"start": start, "end": end}
+    if name == "search_products":
+        return {"query": ctx.pick(p.products)["name"]}
+    if name == "get_product":
+        return {"sku": ctx.pick(p.products)["sku"]}
+    origin, destination = ctx.two(p.cities)
+    return {"origin": origin, "destination": destination, "date": ctx.pick(p.dates)}
+
+
+def _broken_arguments(c: Call) -> dict:
+    """The call's arguments with its first required field dropped (or emptied when nothing is
+    required), so schema validation fails and the observation is the tool's own error."""
+    required = SCHEMAS[c.name]["parameters"]["required"]
+    return {k: v for k, v in c.arguments.items() if k != required[0]} if required else {}
+
+
+FAILURES = ("wrong_tool", "bad_arguments", "no_final_answer", "wrong_answer")
+
+
+def fail(ep: Episode, failure: str, ctx: Ctx, other: Episode) -> Episode:
+    """A failed attempt at ``ep``'s last turn (``other``: a different episode of the same task,
+    whose answer is the wrong one)."""
+    turns = [Turn(t.user, list(t.steps), t.answer, t.final_thought) for t in ep.turns]
+    last = turns[-1]
+    sorry = ANSWERS["failed"][ep.lang]
+    if failure == "wrong_tool":
+        name = ctx.pick([t for t in ep.tools if t not in ep.needs])
+        arguments = example_arguments(name, ctx)
+        last.steps = [Step(f"I will use {name}.", [Call(name, arguments, observe(name, arguments))])]
+        last.answer = sorry
+    elif failure == "bad_arguments":
+        first = last.steps[0].calls[0]
+        arguments = _broken_arguments(first)
+        last.steps = [Step(last.steps[0].thought, [Call(first.name, arguments, observe(first.name, arguments))])]
+        last.answer = sorry
+    elif failure == "no_final_answer":
+        last.answer = None
+    else:
+        last.answer = other.turns[-1].answer
+    return Episode(ep.task, ep.lang, ep.templates, turns, ep.needs, ep.entities, ep.tools)
+
+
+def failed_episodes(episodes: list[Episode], n: int, seed: int) -> list[tuple[Episode, str, int]]:
+    """``n`` failed attempts at training episodes that call tools: (episode, failure, source index)."""
+    rng = random.Random(f"{seed}:failed")
+    ctx = Ctx(rng, agent_pools("train"), "en", "train")
+    by_task: dict[str, list[int]] = {}
+    for i, ep in enumerate(episodes):
+        by_task.setdefault(ep.task, []).append(i)
+    candidates = [i for i, ep in enumerate(episodes) if ep.turns[-1].steps]
+    if n and not candidates:
+        raise RuntimeError("no training episode calls a tool, so none can fail; ask for more training episodes")
+    # A wrong tool needs a distractor on offer; with distractors=0 there is none.
+    kinds = [f for f in FAILURES
+             if f != "wrong_tool" or any(len(episodes[i].tools) > len(episodes[i].needs) for i in candidates)]
+    out = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise RuntimeError(f"could not build {n} failed trajectories; ask for fewer")
+        i = ctx.pick(candidates)
+        failure = kinds[len(out) % len(kinds)]
+        ep = episodes[i]
+        others = [j for j in by_task[ep.task]
+                  if episodes[j].lang == ep.lang and episodes[j].turns[-1].answer != ep.turns[-1].answer]
+        if (failure == "wrong_tool" and len(ep.needs) >= len(ep.tools)) or (failure == "wrong_answer" and not others):
+            continue
+        out.append((fail(ep, failure, ctx, episodes[ctx.pick(others)] if others else ep), failure, i))
+    return out
+
+
+# ----------------------------------------------------------------------------- record writers
+
+
+def meta(ep: Episode, rid: str, split: str) -> dict:
+    """What evaluation needs besides the messages: ``gold`` is the final answer of the last
+    user turn (``answers``: of every turn), ``templates`` and ``entities`` prove the split."""
+    return {"id": rid, "split": split, "task": ep.task, "shape": ep.shape(), "lang": ep.lang,
+            "templates": ep.templates, "calls": ep.n_calls(), "entities": ep.entities,
+            "gold": ep.turns[-1].answer, "answers": [t.answer for t in ep.turns]}
+
+
+def sharegpt_record(ep: Episode, info: dict) -> dict:
+    """Parallel calls are one ``function_call`` turn holding a list, answered by one
+    ``observation`` turn per call in call order: one tool message each, as the agent loop
+    feeds them back at inference."""
+    turns = []
+    for t in ep.turns:
+        turns.append({"from": "human", "value": t.user})
+        for s in t.steps:
+            calls = [{"name": c.name, "arguments": c.arguments} for c in s.calls]
+            turns.append({"from": "function_call", "value": canonical_json(calls[0] if len(calls) == 1 else calls)})
+            turns += [{"from": "observation", "value": c.observation} for c in s.calls]
+        if t.answer is not None:
+            turns.append({"from": "gpt", "value": t.answer})
+    tools = canonical_json([SCHEMAS[name] for name in ep.tools])
+    return {"conversations": turns, "system": SYSTEM, "tools": tools, "meta": info}
+
+
+def react_text(turn: Turn) -> str:
+    """One assistant value in ms-agent form. Parallel calls become consecutive Action steps."""
+    text = ""
+    for s in turn.steps:
+        text += f"Thought: {s.thought}\n"
+        for c in s.calls:
+            text += f"Action: {c.name}\nAction Input: {canonical_json(c.arguments)}\nObservation: {c.observation}\n"
+    if turn.answer is not None:
+        text += f"Thought: {turn.final_thought}\nFinal Answer: {turn.answer}"
+    return text
+
+
+def ms_agent_record(ep: Episode, info: dict) -> dict:
+    system = react_system_prompt("", [SCHEMAS[name] for name in ep.tools])
+    turns = [{"from": "system", "value": system}]
+    for t in ep.turns:
+        turns += [{"from": "user", "value": t.user}, {"from": "assistant", "value": react_text(t)}]
+    return {"conversations": turns, "meta": info}
+
+
+# ----------------------------------------------------------------------------- general (non-agent) data
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw", "Austria": "Vienna",
+    "Greece": "Athens", "Ireland": "Dublin", "Egypt": "Cairo", "Kenya": "Nairobi", "Japan": "Tokyo",
+    "China": "Beijing", "India": "New Delhi", "Canada": "Ottawa", "Mexico": "Mexico City", "Peru": "Lima",
+    "Chile": "Santiago", "Australia": "Canberra", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
+    "Turkey": "Ankara", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Morocco": "Rabat", "Nigeria": "Abuja",
+    "Cuba": "Havana", "Iceland": "Reykjavik", "Denmark": "Copenhagen", "Belgium": "Brussels",
+    "Hungary": "Budapest", "Czechia": "Prague", "Colombia": "Bogota", "Indonesia": "Jakarta",
+    "Philippines": "Manila", "Iran": "Tehran", "Ghana": "Accra",
+}
+WORDS = (
+    "apple river stone cloud green table window garden yellow silver orange basket candle forest pencil "
+    "rocket summer winter planet bridge castle dragon island jacket kitten ladder marble needle ocean pepper "
+    "rabbit saddle tiger violin wagon zebra anchor butter copper desert engine feather guitar hammer igloo "
+    "jungle kettle lemon mirror nickel oyster puzzle quartz ribbon spider tunnel umbrella valley walnut "
+    "blue quick brown lazy happy small bright quiet gentle brave clever calm fancy little"
+).split()
+
+GENERAL: dict[str, dict[str, dict[str, list[str]]]] = {
+    "add": {"en": {"train": ["What is {a} plus {b}?", "Add {a} and {b}.", "What do you get when you add {a} to {b}?"],
+                   "heldout": ["Tell me the sum of {a} and {b}."]},
+            "zh": {"train": ["{a} 加 {b} 等于多少？", "计算 {a} 加 {b}。", "{a} 与 {b} 的和是多少？"],
+                   "heldout": ["求 {a} 和 {b} 相加的结果。"]}},
+    "times": {"en": {"train": ["What is {a} times {b}?", "Multiply {a} by {b}.", "What is the product of {a} and {b}?"],
+                     "heldout": ["How much is {a} multiplied by {b}?"]},
+              "zh": {"train": ["{a} 乘 {b} 等于多少？", "计算 {a} 乘以 {b}。", "{a} 和 {b} 的积是多少？"],
+                     "heldout": ["{a} 与 {b} 相乘得几？"]}},
+    "capital": {"en": {"train": ["What is the capital of {country}?", "Name the capital city of {country}.",
+                                 "Which city is the capital of {country}?"],
+                       "heldout": ["{country} has which city as its capital?"]}},
+    "length": {"en": {"train": ["How many letters are in the word \"{word}\"?", "Count the letters of \"{word}\".",
+                                "How long is the word \"{word}\" in letters?"],
+                      "heldout": ["Give the number of letters in \"{word}\"."]}},
+    "sort": {"en": {"train": ["Sort these numbers from smallest to largest.", "Put these numbers in ascending order.",
+                              "Order the numbers from low to high."],
+                    "heldout": ["Arrange the following numbers in increasing order."]},
+             "zh": {"train": ["把这些数字从小到大排序。", "将下列数字按升序排列。", "请从小到大排列这些数。"],
+                    "heldout": ["把下面的数按从小到大的顺序写出。"]}},
+    "upper": {"en": {"train": ["Rewrite this in capital letters.", "Convert the text to uppercase.",
+                               "Write these words in all caps."],
+                     "heldout": ["Change every letter of this text to uppercase."]}},
+    "reverse": {"en": {"train": ["Reverse the order of these words.", "Write these words backwards, last word first.",
+                                 "List the words in reverse order."],
+                       "heldout": ["Flip the word order of this text."]},
+                "zh": {"train": ["把这些词倒过来排列。", "将这些单词的顺序反转。", "按相反顺序写出这些词。"],
+                       "heldout": ["请把下面单词的先后次序颠倒。"]}},
+}
+GENERAL_WEIGHTS = {"add": 3, "times": 2, "capital": 3, "length": 2, "sort": 2, "upper": 2, "reverse": 2}
+GENERAL_OUTPUTS = {"add": {"en": "{a} + {b} = {c}.", "zh": "{a} + {b} = {c}。"},
+                   "times": {"en": "{a} × {b} = {c}.", "zh": "{a} × {b} = {c}。"}}
+
+
+def _general_item(task: str, rng: random.Random, lang: str, split: str,
+                  countries: list[str]) -> tuple[str, dict, str]:
+    """(key, alpaca record without meta, template id). The key names the item (task and
+    entities, not the phrasing) and decides its split: an item is held out iff its key
+    hashes into the held-out quarter, except capitals (see the module docstring)."""
+    options = GENERAL[task][lang][split]
+    i = rng.randrange(len(options))
+    tid, instruction = f"{task}.{lang}.{split[0]}{i}", options[i]
+    if task in ("add", "times"):
+        a, b = (rng.randint(2, 99), rng.randint(2, 99)) if task == "add" else (rng.randint(2, 12), rng.randint(2, 12))
+        c = a + b if task == "add" else a * b
+        key = f"{task}:{a}:{b}"
+        record = {"instruction": instruction.format(a=a, b=b), "input": "",
+                  "output": GENERAL_OUTPUTS[task][lang].format(a=a, b=b, c=c)}
+    elif task == "capital":
+        country = rng.choice(countries)
+        key = f"capital:{country}:{tid}"
+        record = {"instruction": instruction.format(country=country), "input": "",
+                  "output": f"The capital of {country} is {CAPITALS[country]}."}
+    elif task == "length":
+        word = rng.choice(WORDS)
+        key = f"length:{word}"
+        record = {"instruction": instruction.format(word=word), "input": "",
+                  "output": f"\"{word}\" has {len(word)} letters."}
+    elif task == "sort":
+        nums = rng.sample(range(1, 100), rng.randint(3, 5))
+        key = "sort:" + ",".join(map(str, nums))
+        record = {"instruction": instruction, "input": ", ".join(map(str, nums)),
+                  "output": ", ".join(map(str, sorted(nums)))}
+    else:
+        text = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
+        key = f"{task}:{text}"
+        out = text.upper() if task == "upper" else " ".join(reversed(text.split()))
+        record = {"instruction": instruction, "input": text, "output": out}
+    return key, record, tid
+
+
+def _general_split_of(key: str) -> str:
+    if key.startswith("capital:"):
+        return "either"
+    return "heldout" if stable_int("general", key) % 4 == 0 else "train"
+
+
+def general_records(n: int, split: str, seed: int, countries: list[str]) -> list[dict]:
+    """``n`` distinct general items of the split. The task and language are drawn first and
+    the item is redrawn until it belongs to the split, so the split rule does not skew the
+    task mix; a task whose items are used up is drawn again less and less often."""
+    rng = random.Random(f"{seed}:general:{split}")
+    tasks = list(GENERAL)
+    pairs = [(t, lang) for t in tasks for lang in LANGS if lang in GENERAL[t]]
+    records, seen, draws = [], set(), 0
+    while len(records) < n:
+        draws += 1
+        if draws > 20 * n + 1000:
+            raise RuntimeError(f"could not draw {n} distinct general {split} items ({len(records)} so far)")
+        if draws <= len(pairs):
+            task, lang = pairs[draws - 1]
+        else:
+            task = rng.choices(tasks, [GENERAL_WEIGHTS[t] for t in tasks])[0]
+            langs = [lang for lang in LANGS if lang in GENERAL[task]]
+            lang = rng.choices(langs, [LANG_WEIGHTS[LANGS.index(lang)] for lang in langs])[0]
+        for _ in range(50):
+            key, record, tid = _general_item(task, rng, lang, split, countries)
+            if _general_split_of(key) in (split, "either") and key not in seen:
+                break
+        else:
+            continue
+        seen.add(key)
+        record["meta"] = {"id": f"general-{split}-{len(records):05d}", "split": split, "task": task, "lang": lang,
+                          "template": tid, "key": key, "gold": record["output"]}
+        records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _summary(records: list[dict]) -> dict:
+    metas = [r["meta"] for r in records]
+    count = lambda key: dict(sorted(Counter(m[key] for m in metas).items()))  # noqa: E731
+    return {"records": len(records), "by_task": count("task"), "by_lang": count("lang"),
+            **({"by_shape": count("shape"), "by_calls": count("calls")} if "shape" in metas[0] else {})}
+
+
+def generate(out_dir: str | Path, seed: int = 0, train: int = 600, heldout: int = 120, general: int = 600,
+             general_heldout: int = 120, failed: int | None = None, distractors: int = DISTRACTORS) -> dict:
+    """Write every file of the synthetic set into ``out_dir``; return the manifest
+    (paths, counts). ``failed`` defaults to a quarter of ``train``."""
+    if not 0 <= distractors < len(TOOLS):
+        raise ValueError(f"distractors must be between 0 and {len(TOOLS) - 1}, got {distractors}")
+    for name, value in (("train", train), ("heldout", heldout), ("general", general),
+                        ("general_heldout", general_heldout)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    failed = train // 4 if failed is None else failed
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[dict]] = {}
+
+    for split, n in (("train", train), ("heldout", heldout)):
+        episodes = agent_episodes(n, split, seed, distractors)
+        infos = [meta(ep, f"{split}-{i:05d}", split) for i, ep in enumerate(episodes)]
+        files[f"agent_{split}.sharegpt.jsonl"] = [sharegpt_record(ep, m) for ep, m in zip(episodes, infos)]
+        files[f"agent_{split}.ms_agent.jsonl"] = [ms_agent_record(ep, m) for ep, m in zip(episodes, infos)]
+        if split == "train":
+            trajectories = [dict(r, reward=True) for r in files["agent_train.sharegpt.jsonl"]]
+            for k, (ep, failure, source) in enumerate(failed_episodes(episodes, failed, seed)):
+                # The meta describes the task that was attempted: its gold is the right answer.
+                info = infos[source] | {"id": f"failed-{k:05d}", "failure": failure, "attempt_of": infos[source]["id"]}
+                trajectories.append(dict(sharegpt_record(ep, info), reward=False))
+            # Interleave, as a rollout log would be; the filter must find the failures anywhere.
+            random.Random(f"{seed}:trajectories").shuffle(trajectories)
+            files["trajectories.jsonl"] = trajectories
+
+    general_train = general_records(general, "train", seed, sorted(CAPITALS))
+    # Capitals are facts: held-out questions ask only countries the training set taught.
+    taught = sorted({r["meta"]["key"].split(":")[1] for r in general_train if r["meta"]["task"] == "capital"})
+    files["general_train.jsonl"] = general_train
+    files["general_heldout.jsonl"] = general_records(general_heldout, "heldout", seed, taught)
+
+    for name, records in files.items():
+        _write_jsonl(out / name, records)
+    failures = Counter(r["meta"]["failure"] for r in files["trajectories.jsonl"] if not r["reward"])
+    manifest = {
+        "seed": seed,
+        "distractors": distractors,
+        "files": {name: _summary(records) for name, records in files.items()},
+        "trajectories": {"reward_true": train, "reward_false": dict(sorted(failures.items()))},
+        "tools": [t.name for t in TOOLS],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    manifest["paths"] = {name: str(out / name) for name in [*files, "manifest.json"]}
+    return manifest
+
+
+def _code_hash() -> str:
+    """Hash of every module whose code decides the generated bytes."""
+    from .. import demo_tools, tools
+    from ..inference import agent
+    from . import schema, templates
+
+    h = hashlib.sha256()
+    for module in (sys.modules[__name__], demo_tools, tools, agent, schema, templates):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def default_dir() -> Path:
+    """The set at the default seed and sizes, generated into ``$AGENTTUNE_CACHE`` on first use;
+    data paths name its files as ``synth://agent_train.sharegpt.jsonl``. The folder is named by
+    a hash of the generating code, so a changed generator or tool never serves stale files."""
+    from ..tiny import _atomic_build, cache_dir
+
+    return _atomic_build(cache_dir() / f"synth-{_code_hash()}", generate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agenttune.data.synth", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory to write the files into (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--train", type=int, default=600, help="agent training episodes (default 600)")
+    p.add_argument("--heldout", type=int, default=120, help="held-out agent episodes (default 120)")
+    p.add_argument("--general", type=int, default=600, help="general (Alpaca) training records (default 600)")
+    p.add_argument("--general-heldout", type=int, default=120, help="held-out general records (default 120)")
+    p.add_argument("--failed", type=int, help="failed trajectories in trajectories.jsonl (default: train/4)")
+    p.add_argument("--distractors", type=int, default=DISTRACTORS,
+                   help=f"tools offered beyond those a sample needs (default {DISTRACTORS}; 0 gives the shortest prompts)")
+    args = p.parse_args(argv)
+    try:
+        manifest = generate(args.out, seed=args.seed, train=args.train, heldout=args.heldout, general=args.general,
+                            general_heldout=args.general_heldout, failed=args.failed, distractors=args.distractors)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, summary in manifest["files"].items():
+        print(f"{summary['records']:6d}  {manifest['paths'][name]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The synthetic tool-use set: deterministic, readable by our readers, true to the tools,
+and with a held-out split that shares no phrasing or entity with training."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from agenttune.data import synth
+from agenttune.data.readers import read_file
+from agenttune.data.schema import Conversation, DataError
+from agenttune.demo_tools import TOOLS_BY_NAME
+
+SIZES = {"train": 160, "heldout": 80, "general": 150, "general_heldout": 60, "failed": 40}
+AGENT_FILES = [f"agent_{split}.{fmt}.jsonl" for split in synth.SPLITS for fmt in ("sharegpt", "ms_agent")]
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("synth")
+    synth.generate(path, seed=0, **SIZES)
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def read_all(path: Path) -> list[Conversation]:
+    items = list(read_file(path))
+    errors = [str(e) for e in items if isinstance(e, DataError)]
+    assert not errors, errors[:5]
+    return items
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def _generate_in_subprocess(out: Path, seed: int, hash_seed: str) -> None:
+    # A fresh interpreter with another PYTHONHASHSEED: set iteration order or hash() leaking
+    # into the output would show up as a byte difference.
+    code = (f"from agenttune.data.synth import generate; generate({str(out)!r}, seed={seed}, train=60, heldout=40, "
+            "general=40, general_heldout=20)")
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_same_seed_same_bytes(tmp_path):
+    _generate_in_subprocess(tmp_path / "a", 0, "1")
+    _generate_in_subprocess(tmp_path / "b", 0, "2")
+    synth.generate(tmp_path / "c", seed=1, train=60, heldout=40, general=40, general_heldout=20)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted([*AGENT_FILES, "general_train.jsonl", "general_heldout.jsonl", "trajectories.jsonl",
+                            "manifest.json"])
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "agent_train.sharegpt.jsonl").read_bytes() != (
+        tmp_path / "c" / "agent_train.sharegpt.jsonl").read_bytes()
+
+
+# ----------------------------------------------------------------------------- readable, consistent
+
+
+@pytest.mark.parametrize("name", [*AGENT_FILES, "general_train.jsonl", "general_heldout.jsonl", "trajectories.jsonl"])
+def test_every_record_reads_without_errors(out, name):
+    expected = {"agent_train": SIZES["train"], "agent_heldout": SIZES["heldout"], "general_train": SIZES["general"],
+                "general_heldout": SIZES["general_heldout"], "trajectories": SIZES["train"] + SIZES["failed"]}
+    assert len(read_all(out / name)) == expected[name.split(".")[0]]
+
+
+def calls_and_answers(conv: Conversation) -> list:
+    """Per assistant message: its calls, or its final text (ms-agent: the Final Answer)."""
+    out = []
+    for m in conv.messages:
+        if m.role != "assistant":
+            continue
+        if m.tool_calls:
+            out += [(c.name, c.args()) for c in m.tool_calls]
+        else:
+            out.append(m.content.split("Final Answer: ", 1)[-1])
+    return out
+
+
+@pytest.mark.parametrize("split", synth.SPLITS)
+def test_both_formats_hold_the_same_episodes(out, split):
+    sharegpt = read_all(out / f"agent_{split}.sharegpt.jsonl")
+    ms_agent = read_all(out / f"agent_{split}.ms_agent.jsonl")
+    metas = [r["meta"] for r in lines(out / f"agent_{split}.sharegpt.jsonl")]
+    for a, b, meta in zip(sharegpt, ms_agent, metas):
+        assert calls_and_answers(a) == calls_and_answers(b), a.origin
+        assert [t["name"] for t in a.tools] == [t["name"] for t in b.tools], a.origin
+        # the gold answer is the last reply, word for word
+        assert calls_and_answers(a)[-1] == meta["gold"] == meta["answers"][-1], a.origin
+        assert sum(1 for m in a.messages if m.role == "user") == len(meta["answers"])
+
+
+def test_observations_are_real_tool_outputs(out):
+    """Re-run every call in the data against the demo tools: same observation, byte for byte."""
+    checked = Counter()
+    for name in AGENT_FILES + ["trajectories.jsonl"]:
+        for conv in read_all(out / name):
+            msgs = conv.messages
+            for i, m in enumerate(msgs):
+                if not m.tool_calls:
+                    continue
+                results = [synth.observe(c.name, c.args()) for c in m.tool_calls]
+                if "ms_agent" in name:  # one Action per message, each followed by its Observation
+                    assert msgs[i + 1].role == "tool" and msgs[i + 1].content == results[0], conv.origin
+                else:  # one observation turn (one tool message) per call, in call order
+                    got = [t.content for t in msgs[i + 1 : i + 1 + len(results)]]
+                    assert all(t.role == "tool" for t in msgs[i + 1 : i + 1 + len(results)]), conv.origin
+                    assert got == results, conv.origin
+                checked.update(c.name for c in m.tool_calls)
+    assert set(checked) == set(TOOLS_BY_NAME)  # every tool is exercised
+
+
+def test_errors_in_observations_are_the_tools_own(out):
+    records = [r for r in lines(out / "trajectories.jsonl") if r["meta"].get("failure") == "bad_arguments"]
+    assert records
+    for r in records:
+        obs = [t["value"] for t in r["conversations"] if t["from"] == "observation"][-1]
+        assert obs.startswith("Error: invalid arguments for "), obs
+
+
+def test_final_answers_quote_the_observations(out):
+    for r in lines(out / "agent_train.sharegpt.jsonl"):
+        m = r["meta"]
+        if m["task"] not in ("weather", "calc", "convert", "days", "price"):
+            continue
+        last = json.loads([t["value"] for t in r["conversations"] if t["from"] == "observation"][-1])
+        value = {"weather": "temp_c", "calc": "result", "convert": "value", "days": "days", "price": "price"}[m["task"]]
+        assert str(last[value]) in m["gold"], r["meta"]["id"]
+
+
+# ----------------------------------------------------------------------------- what the set covers
+
+
+@pytest.mark.parametrize("split", synth.SPLITS)
+def test_task_shapes_and_languages(out, split):
+    metas = [r["meta"] for r in lines(out / f"agent_{split}.sharegpt.jsonl")]
+    shapes = Counter(m["shape"] for m in metas)
+    assert set(shapes) == {"none", "single", "sequential", "parallel", "multi_turn"}
+    assert {m["task"] for m in metas} == set(synth.TASKS)
+    langs = Counter(m["lang"] for m in metas)
+    assert langs["en"] > langs["zh"] > 0.2 * len(metas)
+    for r in lines(out / f"agent_{split}.sharegpt.jsonl"):
+        prompt = r["conversations"][0]["value"]
+        assert bool(CJK.search(prompt)) == (r["meta"]["lang"] == "zh"), prompt
+
+
+def test_parallel_calls_share_one_turn(out):
+    for r in lines(out / "agent_train.sharegpt.jsonl"):
+        calls = [json.loads(t["value"]) for t in r["conversations"] if t["from"] == "function_call"]
+        assert any(isinstance(c, list) and len(c) == 2 for c in calls) == (r["meta"]["shape"] == "parallel")
+
+
+def test_second_calls_depend_on_first_results(out):
+    """In a sequential episode the second call's arguments quote a value of the first result."""
+    n = 0
+    for r in lines(out / "agent_train.sharegpt.jsonl"):
+        if r["meta"]["shape"] != "sequential":
+            continue
+        turns = r["conversations"]
+        first_obs = json.loads(next(t["value"] for t in turns if t["from"] == "observation"))
+        second_call = [json.loads(t["value"]) for t in turns if t["from"] == "function_call"][1]
+        scalars = set()
+
+        def collect(value):
+            if isinstance(value, dict):
+                [collect(v) for v in value.values()]
+            elif isinstance(value, list):
+                [collect(v) for v in value]
+            else:
+                scalars.add(str(value))
+
+        collect(first_obs)
+        args_text = json.dumps(second_call["arguments"])
+        assert any(s in args_text for s in scalars if len(s) > 1 or s.isdigit()), r["meta"]["id"]
+        n += 1
+    assert n > 10
+
+
+def offered_and_called(record: dict) -> tuple[list[str], set[str]]:
+    called = set()
+    for t in record["conversations"]:
+        if t["from"] == "function_call":
+            value = json.loads(t["value"])
+            called |= {c["name"] for c in (value if isinstance(value, list) else [value])}
+    return [t["name"] for t in json.loads(record["tools"])], called
+
+
+def test_tools_offered_are_needed_plus_distractors(out):
+    for r in lines(out / "agent_train.sharegpt.jsonl"):
+        offered, called = offered_and_called(r)
+        assert called <= set(offered) and len(offered) == len(set(offered))
+        assert len(offered) == max(len(called), 1) + synth.DISTRACTORS, r["meta"]["id"]
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+
+def test_heldout_shares_no_entity_or_template_with_train(out):
+    def collect(split):
+        entities, templates = {}, set()
+        for r in lines(out / f"agent_{split}.sharegpt.jsonl"):
+            prompts = " ".join(t["value"] for t in r["conversations"] if t["from"] == "human")
+            for kind, values in r["meta"]["entities"].items():
+                for v in values:
+                    assert str(v) in prompts, (r["meta"]["id"], v)  # the entity really is in the prompt
+                    entities.setdefault(kind, set()).add(v)
+            templates |= set(r["meta"]["templates"])
+        return entities, templates
+
+    train_entities, train_templates = collect("train")
+    held_entities, held_templates = collect("heldout")
+    assert set(held_entities) == {"cities", "dates", "numbers", "products", "skus", "categories"}
+    for kind, values in held_entities.items():
+        assert not values & train_entities.get(kind, set()), kind
+    assert not held_templates & train_templates
+    assert all(".h" in t for t in held_templates) and all(".t" in t for t in train_templates)
+
+
+def test_entity_pools_are_disjoint():
+    train, held = synth.agent_pools("train"), synth.agent_pools("heldout")
+    for field in ("cities", "categories", "dates", "numbers"):
+        assert not set(getattr(train, field)) & set(getattr(held, field)), field
+        assert getattr(held, field) and getattr(train, field), field
+    assert not {p["sku"] for p in train.products} & {p["sku"] for p in held.products}
+    assert train.small_numbers() and held.small_numbers()
+
+
+def test_heldout_prompts_are_not_training_prompts(out):
+    train = {t["value"] for r in lines(out / "agent_train.sharegpt.jsonl") for t in r["conversations"]
+             if t["from"] == "human"}
+    held = {t["value"] for r in lines(out / "agent_heldout.sharegpt.jsonl") for t in r["conversations"]
+            if t["from"] == "human"}
+    assert not train & held
+
+
+# ----------------------------------------------------------------------------- failed trajectories
+
+
+def test_trajectories_are_train_plus_failed_attempts(out):
+    records = lines(out / "trajectories.jsonl")
+    good = [r for r in records if r["reward"] is True]
+    bad = [r for r in records if r["reward"] is False]
+    assert len(good) + len(bad) == len(records)
+    train = lines(out / "agent_train.sharegpt.jsonl")
+    assert sorted(json.dumps({k: v for k, v in r.items() if k != "reward"}) for r in good) == sorted(
+        json.dumps(r) for r in train)
+    assert len(bad) == SIZES["failed"]
+    assert set(Counter(r["meta"]["failure"] for r in bad)) == set(synth.FAILURES)
+    by_id = {r["meta"]["id"]: r for r in train}
+    for r in bad:
+        attempted = by_id[r["meta"]["attempt_of"]]
+        assert r["conversations"][0] == attempted["conversations"][0]  # same request
+        assert r["conversations"] != attempted["conversations"]
+        assert r["meta"]["gold"] == attempted["meta"]["gold"]  # gold: what it should have said
+        last = r["conversations"][-1]
+        if r["meta"]["failure"] == "no_final_answer":
+            assert last["from"] == "observation"
+        else:
+            assert last["from"] == "gpt" and last["value"] != attempted["meta"]["gold"]
+
+
+# ----------------------------------------------------------------------------- general data
+
+
+def test_general_data(out):
+    train, held = lines(out / "general_train.jsonl"), lines(out / "general_heldout.jsonl")
+    for records in (train, held):
+        assert {r["meta"]["task"] for r in records} == set(synth.GENERAL)
+        assert {r["meta"]["lang"] for r in records} == {"en", "zh"}
+    train_keys = {r["meta"]["key"] for r in train}
+    assert not train_keys & {r["meta"]["key"] for r in held}
+    assert not {r["meta"]["template"] for r in train} & {r["meta"]["template"] for r in held}
+    taught = {r["meta"]["key"].split(":")[1] for r in train if r["meta"]["task"] == "capital"}
+    for r in held:
+        m, text = r["meta"], r["instruction"] + " " + r["input"]
+        assert r["output"] == m["gold"]
+        if m["task"] == "capital":
+            assert m["key"].split(":")[1] in taught  # facts are tested, not guessed
+        if m["task"] == "sort":
+            assert r["output"] == ", ".join(map(str, sorted(int(x) for x in r["input"].split(", "))))
+        if m["task"] in ("add", "times"):
+            a, b = map(int, re.findall(r"\d+", text)[:2])
+            assert str(a + b if m["task"] == "add" else a * b) in r["output"]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_the_manifest(tmp_path, capsys):
+    assert synth.main(["--out", str(tmp_path), "--train", "40", "--heldout", "36", "--general", "20",
+                       "--general-heldout", "16", "--failed", "8"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"]["agent_train.sharegpt.jsonl"]["records"] == 40
+    assert manifest["files"]["trajectories.jsonl"]["records"] == 48
+    assert manifest["trajectories"] == {"reward_true": 40, "reward_false": {f: 2 for f in synth.FAILURES}}
+    assert "agent_heldout.ms_agent.jsonl" in capsys.readouterr().out
+    assert synth.main(["--out", str(tmp_path), "--train", "0"]) == 2
+    assert "train must be at least 1" in capsys.readouterr().err
+    assert synth.main(["--out", str(tmp_path), "--distractors", "7"]) == 2
+    assert "distractors must be between 0 and 6" in capsys.readouterr().err
+
+
+def test_no_distractors_offers_only_what_is_needed(tmp_path):
+    synth.generate(tmp_path, train=40, heldout=36, general=10, general_heldout=10, distractors=0)
+    for r in lines(tmp_path / "agent_train.sharegpt.jsonl"):
+        offered, called = offered_and_called(r)
+        assert set(offered) == called if called else len(offered) == 1, r["meta"]["id"]
+    failures = {r["meta"]["failure"] for r in lines(tmp_path / "trajectories.jsonl") if not r["reward"]}
+    assert failures == set(synth.FAILURES) - {"wrong_tool"}  # no distractor to call by mistake
+
+
+def test_default_dir_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGENTTUNE_CACHE", str(tmp_path))
+    path = synth.default_dir()
+    assert path.parent == tmp_path and path.name.startswith("synth-")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["files"]["agent_train.sharegpt.jsonl"]["records"] == 600
+    assert manifest["files"]["general_heldout.jsonl"]["records"] == 120
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert synth.default_dir() == path and (path / "manifest.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no half-built leftovers
