@@ -39,10 +39,21 @@ case "$cmd" in
   demo)
     setup
     export WANDB_MODE=${WANDB_MODE:-offline}
-    # 1. What the model will learn from: one demo sample, trained spans marked with their weights.
-    python -m agenttune.data.inspect src/agenttune/data/demo/agent_demo.jsonl --index 12 --loss-scale hermes
-    # 2. Train the default (tiny model, demo data, LoRA, CPU) into a fresh run directory.
-    python train.py experiment=demo output_dir="outputs/demo/$(date +%Y%m%d-%H%M%S)" "$@"
+    run="outputs/demo/$(date +%Y%m%d-%H%M%S)"
+    heldout="[synth://agent_heldout.sharegpt.jsonl,synth://general_heldout.jsonl]"
+    # 1. The data: a synthetic tool-use world (python -m agenttune.data.synth), generated on first
+    #    use. One training sample, its trained spans marked with their weights:
+    python -m agenttune.data.inspect synth://agent_train.sharegpt.jsonl --index 3 --loss-scale hermes
+    # 2. Train the from-scratch demo model on agent + general data with L = λ·L_agent + (1-λ)·L_general.
+    python train.py experiment=demo output_dir="$run" "$@"
+    # 3. Score held-out tasks (unseen phrasings and entities) before and after training.
+    python infer.py mode=predict model=demo predict.input="$heldout" predict.output_dir="$run/predict-untrained" \
+      predict.limit=60 predict.batch_size=32 generation.max_new_tokens=64
+    python infer.py mode=predict adapter="$run/final" predict.input="$heldout" predict.output_dir="$run/predict" \
+      predict.limit=60 predict.batch_size=32 generation.max_new_tokens=96 predict.compare="$run/predict-untrained"
+    # 4. The tuned agent answers a new question by calling the real demo tools.
+    python infer.py mode=agent adapter="$run/final" agent.offer=[get_weather,calculator] \
+      agent.query="What's the weather in Zurich on 2025-03-14?"
     ;;
   test)
     setup

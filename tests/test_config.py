@@ -46,7 +46,7 @@ def test_every_combination_of_groups_composes():
     for combo in combos:
         cfg = to_config(OmegaConf.merge(schema, {g: nodes[g, o] for g, o in zip(GROUPS, combo)}))
         assert cfg.output_dir == f"outputs/{cfg.model.name}-{cfg.tuner.name}"
-    assert len(combos) == 5 * 4 * 4 * 7
+    assert len(combos) == 6 * 5 * 4 * 7  # model x data x tuner x hardware files
 
 
 def test_defaults_follow_the_seed_recipe():

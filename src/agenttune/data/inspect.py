@@ -18,6 +18,7 @@ from collections import Counter
 
 from .encode import encode
 from .options import FORMATS, LOSS_SCALES, TRAIN_ON, TRUNCATION, SupervisionConfig
+from .pipeline import resolve_path
 from .readers import read_file
 from .schema import DataError
 from .templates import TEMPLATES, get_template
@@ -65,7 +66,7 @@ def show(segments: list[dict], color: bool) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m agenttune.data.inspect", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", help="a .json or .jsonl data file")
+    p.add_argument("file", help="a .json or .jsonl data file (or pkg://..., synth://NAME)")
     p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--source", default="agent", choices=["agent", "general"])
     p.add_argument("--template", default="qwen", choices=sorted(TEMPLATES))
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     errors: Counter = Counter()
     wanted = set(args.index) if args.index else set(range(args.limit))
     try:
-        items = list(read_file(args.file, args.format, args.source, {"name": args.name, "author": args.author}))
+        (path,) = resolve_path(args.file)  # pkg:// and synth:// as in data configs
+        items = list(read_file(path, args.format, args.source, {"name": args.name, "author": args.author}))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -73,7 +73,7 @@ class PredictConfig:
     batch_size: int = 8
     """Prompts generated together (left-padded)."""
     limit: int = 0
-    """Score only the first N records; 0 scores all."""
+    """Score only the first N records of each input file; 0 scores all."""
     baseline: bool = False
     """With adapter=: also score the base model (adapter switched off) and print a before/after table."""
     compare: str | None = None

@@ -47,14 +47,16 @@ def load_eval(cfg: PredictConfig) -> list[Conversation]:
         for path in resolve_path(spec):  # pkg://, synth:// and directories as in training
             if not path.is_file():
                 raise FileNotFoundError(f"predict.input: {spec} does not exist")
-            for item in read_file(path, cfg.format, cfg.source or "agent"):
-                (errors if isinstance(item, DataError) else convs).append(item)
+            items = list(read_file(path, cfg.format, cfg.source or "agent"))
+            errors += [item for item in items if isinstance(item, DataError)]
+            good = [item for item in items if not isinstance(item, DataError)]
+            convs += good[: cfg.limit] if cfg.limit else good
     if errors:
         raise EvalDataError(errors)
     if cfg.source is None:  # a record that declares no tools is general chat
         for conv in convs:
             conv.source = "agent" if conv.tools else "general"
-    return convs[: cfg.limit] if cfg.limit else convs
+    return convs
 
 
 def steps_of(conv: Conversation, generator: Generator) -> list[Step]:
