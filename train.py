@@ -4,6 +4,7 @@
     accelerate launch train.py model=qwen7b tuner=lora hardware=8gpu
     python train.py output_dir=runs/a train.max_steps=50 loss.lambda_agent=0.5
     python train.py output_dir=runs/a resume=auto                 # continue after a crash
+    python train.py train.packing=true train.max_tokens_per_batch=8192   # padding-free packed micro-batches
     sbatch launch/slurm_1node.sbatch output_dir=runs/a            # Slurm; SIGUSR1 -> checkpoint, exit 85, requeue
 
 The config schema and its defaults are agenttune/config.py; conf/ holds the groups.
@@ -124,7 +125,7 @@ def train(cfg: Config) -> TrainState:
             log_metrics(out / "metrics.jsonl", {
                 "step": state.step, "loss": result.loss, "loss_agent": result.loss_agent,
                 "loss_general": result.loss_general, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "trained_tokens": state.trained_tokens,
+                "tokens_per_s": tokens_per_s, "trained_tokens": state.trained_tokens, "micro_batches": len(batches),
                 "epoch": state.samples_seen / len(data.train), "skipped_steps": state.skipped_steps,
                 "peak_mem_gb": peak_memory_gb(accelerator.device),
             }, run)

@@ -27,6 +27,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 STRATEGIES = ("ddp", "deepspeed", "fsdp")
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 ON_NONFINITE = ("stop", "skip")
+LOSS_IMPLS = ("auto", "chunked", "logits", "liger")
 WANDB_MODES = ("online", "offline", "disabled")
 
 class ConfigError(ValueError):
@@ -151,6 +152,16 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     """stop: raise when the loss or gradient norm is NaN/inf; skip: drop that update and go on."""
     seed: int = 42
+    packing: bool = False
+    """Concatenate each process's share of a step into micro-batches of at most
+    max_tokens_per_batch tokens (best-fit decreasing), with no padding. Samples never attend to
+    each other (position ids restart per sample). The micro-batch count then varies per step,
+    the same on every rank; micro_batch_size only sizes eval batches. Not with DeepSpeed."""
+    max_tokens_per_batch: int = 4096
+    """With packing: tokens in one micro-batch (one packed row). Must hold the longest sample."""
+    group_by_length: bool = False
+    """Without packing: sort each process's share of a step by length before cutting it into
+    micro_batch_size pieces, so similar lengths share a batch and padding drops."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "eval_steps", "save_steps", "log_steps"):
@@ -168,6 +179,9 @@ class TrainConfig:
         _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         _one_of("train.scheduler", self.scheduler, SCHEDULERS)
         _one_of("train.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        _require(self.max_tokens_per_batch >= 2, "train.max_tokens_per_batch", f"must be >= 2, got {self.max_tokens_per_batch}")
+        _require(not (self.packing and self.group_by_length), "train.group_by_length",
+                 "applies to unpacked batches; with train.packing=true the bins are already filled by length")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches each process runs per optimizer step."""
@@ -198,10 +212,18 @@ class LossConfig:
     ce_chunk_tokens: int = 4096
     """Cross-entropy is computed this many positions at a time, so the fp32 upcast of the
     logits never exists for the whole batch at once."""
+    impl: str = "auto"
+    """How the output layer and cross-entropy run. chunked: the model stops at its hidden states;
+    lm_head and CE run on the trained positions only, ce_chunk_tokens at a time, each chunk
+    recomputed in backward, so no (B, T, V) logits exist. logits: the model's lm_head returns
+    all logits (B, T, V). liger: Liger-Kernel's fused linear cross-entropy (CUDA, pip install
+    liger-kernel, plain nn.Linear lm_head). auto: chunked, or logits under FSDP and ZeRO-3,
+    whose lm_head weight exists whole only inside the model's forward."""
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.lambda_agent <= 1.0, "loss.lambda_agent", f"must be in [0, 1], got {self.lambda_agent}")
         _require(self.ce_chunk_tokens >= 1, "loss.ce_chunk_tokens", f"must be >= 1, got {self.ce_chunk_tokens}")
+        _one_of("loss.impl", self.impl, LOSS_IMPLS)
 
 
 @dataclass

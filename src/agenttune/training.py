@@ -1,13 +1,16 @@
 """The verbs ``train.py``'s loop calls: batching, the λ-weighted loss, optimizer and schedule,
 evaluation, checkpoints, metrics.
 
-Shapes: B = samples in a micro-batch, T = padded length, V = vocabulary.
-Sources: row ``source`` is 0 (agent) or 1 (general), matching the data pipeline.
+Shapes: B = samples in a micro-batch, T = padded length, V = vocabulary, H = hidden size,
+K = trained positions in a micro-batch. A packed micro-batch is one row (B = 1) of whole samples.
+Sources: ``source`` is 0 (agent) or 1 (general), matching the data pipeline: one per row in a
+padded batch, one per token in a packed row (which holds samples of both).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
@@ -65,6 +69,12 @@ def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
             "On CPU, launch with ACCELERATE_USE_CPU=1 (accelerate launch --cpu ...)."
         )
     accumulation = train.accumulation_steps(world)
+    if train.packing and hardware.strategy == "deepspeed":
+        raise ConfigError(
+            f"train.packing: hardware={hardware.name} uses DeepSpeed, whose engine fixes the accumulation count "
+            "when it is built, but a packed step's micro-batch count varies. Use hardware.strategy ddp or fsdp, "
+            "or train.packing=false with train.group_by_length=true."
+        )
     plugins = {}
     if hardware.strategy == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
@@ -158,14 +168,139 @@ def collate(rows: dict[str, list], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def pack(rows: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Concatenate whole samples into one row with no padding.
+
+    Position ids restart at 0 for each sample, and no attention mask is given: from the restarts
+    transformers builds per-sample causal attention (masking_utils.find_packed_sequence_indices
+    for sdpa and eager, varlen kernels for flash-attention), so samples never see each other.
+    A sample's last token predicts nothing: the next token in the row belongs to another sample.
+    """
+    input_ids, position_ids, targets, target_weights, source = [], [], [], [], []
+    for i, (ids, labels, weights, src) in enumerate(zip(rows["input_ids"], rows["labels"], rows["weights"], rows["source"])):
+        n = len(ids)
+        if not n == len(labels) == len(weights):
+            raise ValueError(f"row {i}: input_ids, labels and weights differ in length ({n}, {len(labels)}, {len(weights)})")
+        input_ids += ids
+        position_ids += range(n)
+        targets += labels[1:] + [IGNORE]
+        target_weights += weights[1:] + [0.0]
+        source += [src] * n
+    batch = {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),  # (1, N)
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),  # (1, N)
+        "targets": torch.tensor([targets], dtype=torch.long),  # (1, N), -100 where untrained
+        "target_weights": torch.tensor([target_weights], dtype=torch.float32),  # (1, N), 0 where untrained
+        "source": torch.tensor([source], dtype=torch.long),  # (1, N), per token
+        "cu_seq_lens": torch.tensor([0, *itertools.accumulate(len(ids) for ids in rows["input_ids"])], dtype=torch.int32),
+    }
+    if (batch["target_weights"][batch["targets"] == IGNORE] != 0).any():
+        raise ValueError("a token with label -100 has a non-zero weight: the data pipeline must zero both together")
+    return batch
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices into ``lengths`` grouped into bins whose lengths sum to at most ``capacity``:
+    longest first, each into the fullest bin it still fits, or a new bin. Ties keep index
+    order, so the bins are a pure function of the lengths. Within a bin, longest first."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"item {i} has length {lengths[i]} > capacity {capacity}")
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+        if fits:
+            best = min(fits, key=lambda b: room[b])
+            bins[best].append(i)
+            room[best] -= lengths[i]
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def split_bins(bins: list[list[int]], lengths: list[int], count: int) -> list[list[int]]:
+    """Cut ``bins`` until there are ``count`` of them: the fullest bin that holds more than one
+    item gives its last (shortest) item a bin of its own. Splitting never overfills a bin."""
+    bins = [list(b) for b in bins]
+    while len(bins) < count:
+        splittable = [b for b in bins if len(b) > 1]
+        if not splittable:
+            raise ValueError(f"cannot cut {sum(map(len, bins))} items into {count} bins")
+        fullest = max(splittable, key=lambda b: sum(lengths[i] for i in b))
+        bins.append([fullest.pop()])
+    return bins
+
+
+def packed_micro_batches(dataset, rows: list[int], train: TrainConfig, rank: int, world: int) -> list[dict]:
+    """This rank's share of a step's rows, packed best-fit decreasing into rows of at most
+    train.max_tokens_per_batch tokens.
+
+    Every rank must run the same number of micro-batches: Accelerate syncs gradients (an
+    all-reduce under DDP) on each rank's last one, and a rank that ran fewer would leave the
+    others waiting. So each rank packs every rank's share, which is a pure function of the step
+    and needs no communication, and splits its own bins up to the largest count.
+    """
+    share = len(rows) // world
+    lengths = dataset.select_columns("length")[rows]["length"]
+    packed = []
+    for r in range(world):
+        theirs = lengths[r * share : (r + 1) * share]
+        longest = max(range(share), key=lambda i: theirs[i])
+        if theirs[longest] > train.max_tokens_per_batch:
+            raise ConfigError(
+                f"train.max_tokens_per_batch: row {rows[r * share + longest]} of the training set has "
+                f"{theirs[longest]} tokens, more than one packed micro-batch holds ({train.max_tokens_per_batch}). "
+                "Raise it to at least data.supervision.max_length."
+            )
+        packed.append(best_fit_decreasing(theirs, train.max_tokens_per_batch))
+    count = max(len(bins) for bins in packed)
+    mine = rows[rank * share : (rank + 1) * share]
+    bins = split_bins(packed[rank], lengths[rank * share : (rank + 1) * share], count)
+    batches = [pack(dataset[[mine[i] for i in b]]) for b in bins]
+    if any(b["input_ids"].shape[1] > train.max_tokens_per_batch for b in batches):
+        raise ValueError("the training set's length column disagrees with its input_ids: rebuild the dataset cache")
+    return batches
+
+
 def micro_batches(dataset, step: int, train: TrainConfig, rank: int, world: int, pad_id: int) -> list[dict]:
     """The micro-batches this rank runs for optimizer step ``step``: its contiguous share of the
-    step's rows, cut into train.micro_batch_size pieces."""
+    step's rows, packed (train.packing) or cut into train.micro_batch_size pieces, longest first
+    with train.group_by_length. Only the grouping depends on the options, never which rows a
+    step trains, so the data position stays ``step`` alone."""
     rows = step_rows(len(dataset), step, train.global_batch_size, train.seed)
+    if train.packing:
+        return packed_micro_batches(dataset, rows, train, rank, world)
     share = len(rows) // world
     mine = rows[rank * share : (rank + 1) * share]
+    if train.group_by_length:
+        lengths = dataset.select_columns("length")[mine]["length"]
+        mine = [row for _, row in sorted(zip(lengths, mine), key=lambda pair: -pair[0])]  # stable: ties keep order
     size = train.micro_batch_size
     return [collate(dataset[mine[i : i + size]], pad_id) for i in range(0, share, size)]
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model sees: a padded batch's attention mask, or a packed row's restarting
+    position ids with no mask (see pack). No KV cache: with one, transformers would not look
+    for packed sequences. A packed row also carries its sample boundaries, which flash-attention's
+    varlen kernel would otherwise derive from the position ids in every layer (a device sync
+    each); sdpa and eager ignore them."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    bounds = batch["cu_seq_lens"]
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return {
+        "input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
+        "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest,
+    }
+
+
+def input_tokens(batch: dict) -> torch.Tensor:
+    """Real (non-padding) input tokens of a micro-batch; a packed row has no padding."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -184,10 +319,133 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.
 
 
 def source_sums(values: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Sum a (B, T) tensor over the rows of each source: (2,) = [agent, general]."""
-    per_row = values.sum(dim=1)
+    """Sum a (B, T) tensor per source: (2,) = [agent, general]. ``source`` is per row (B,),
+    or per token (B, T) in a packed row."""
+    if source.dim() == 1:
+        per_row = values.sum(dim=1)
+        is_agent = source == AGENT
+        return torch.stack([per_row[is_agent].sum(), per_row[~is_agent].sum()])
     is_agent = source == AGENT
-    return torch.stack([per_row[is_agent].sum(), per_row[~is_agent].sum()])
+    return torch.stack([values[is_agent].sum(), values[~is_agent].sum()])
+
+
+def loss_impl(accelerator, loss_cfg: LossConfig) -> str:
+    """loss.impl with auto resolved: chunked where each rank holds the whole lm_head weight.
+    FSDP and ZeRO-3 gather a layer's weights only inside the model's forward; the chunked head
+    calls lm_head after it returns, so there the model computes the logits itself."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    sharded = kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
+    )
+    if loss_cfg.impl == "auto":
+        return "logits" if sharded else "chunked"
+    if sharded and loss_cfg.impl != "logits":
+        raise ConfigError(
+            f"loss.impl: {loss_cfg.impl} calls lm_head outside the model's forward, where {kind.value} has "
+            "sharded its weight; use loss.impl=auto or logits"
+        )
+    if loss_cfg.impl == "liger":
+        if accelerator.device.type != "cuda":
+            raise ConfigError(f"loss.impl: liger runs Triton kernels on CUDA, not on {accelerator.device.type}; use chunked")
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("loss.impl: liger needs Liger-Kernel: pip install liger-kernel (or use chunked)")
+    return loss_cfg.impl
+
+
+def chunk_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+
+
+def head_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Cross-entropy of each hidden state (K, H) against its target (K,): (K,) in fp32.
+
+    ``chunk`` rows at a time, each under activation checkpointing: a chunk's logits (chunk, V)
+    are freed once its loss is known and recomputed in backward, so at most one chunk of logits
+    exists at any moment. Calling the lm_head module (not its weight) keeps a LoRA adapter on it
+    in the graph.
+    """
+    pieces = []
+    for i in range(0, len(targets), chunk):
+        h, t = hidden[i : i + chunk], targets[i : i + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(chunk_nll, lm_head, h, t, use_reentrant=False))
+        else:  # evaluation: nothing to recompute
+            pieces.append(chunk_nll(lm_head, h, t))
+    return torch.cat(pieces)
+
+
+def liger_source_sums(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                      weights: torch.Tensor, source: torch.Tensor, sum_ce=None) -> torch.Tensor:
+    """Σ weight·CE per source, (2,), with Liger's fused linear cross-entropy, which never builds
+    the logits and computes its gradients during the forward.
+
+    Its kernel reduces to one sum and knows no per-token weights, so the tokens are grouped by
+    (source, weight) (a handful of groups: weights are 1.0 and a few loss-scale values) and each
+    group's summed CE is scaled by its weight. ``sum_ce(hidden, weight, targets)`` is the kernel;
+    tests pass a plain-torch one.
+    """
+    if sum_ce is None:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def sum_ce(h, w, t):
+            return liger_fused_linear_cross_entropy(h, w, t, reduction="sum")
+
+    if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
+        raise ConfigError(
+            f"loss.impl: liger needs a plain bias-free nn.Linear lm_head, this model has {type(lm_head).__name__} "
+            "(a LoRA adapter on it: tuner.include_embeddings=true); use loss.impl=chunked"
+        )
+    weight = lm_head.weight
+    if torch.is_autocast_enabled(hidden.device.type):  # a custom kernel is not autocast: cast as autocast would
+        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+    hidden = hidden.to(weight.dtype)
+    sums = []
+    for src in (AGENT, 1 - AGENT):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        in_source = source == src
+        for value in torch.unique(weights[in_source]).tolist():
+            group = in_source & (weights == value)
+            total = total + value * sum_ce(hidden[group], weight, targets[group]).float()
+        sums.append(total)
+    return torch.stack(sums)
+
+
+def source_nll(accelerator, model, batch: dict, impl: str, chunk: int) -> torch.Tensor:
+    """Σ weight·CE per source over one micro-batch: (2,) = [agent, general], differentiable.
+
+    logits: the model's own lm_head gives (B, T, V) logits for every position. chunked and liger:
+    the model stops at its final hidden states (B, T, H) (logits_to_keep=1 makes its lm_head
+    score one position, which the loss ignores), and only the K trained positions meet lm_head.
+    """
+    if impl == "logits":
+        logits = model(**model_inputs(batch)).logits  # (B, T, V)
+        nll = token_nll(logits, batch["targets"], chunk)  # (B, T)
+        return source_sums(nll * batch["target_weights"], batch["source"])
+    hidden = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, H)
+    trained = batch["target_weights"] > 0  # (B, T)
+    source = batch["source"]
+    if source.dim() == 1:
+        source = source[:, None].expand_as(trained)
+    weights = batch["target_weights"][trained]  # (K,)
+    targets = batch["targets"][trained]
+    if not trained.any():
+        # Nothing to train here, but lm_head must still be in the graph: under DDP every
+        # parameter's gradient (zero) is part of the step's all-reduce.
+        trained = torch.zeros_like(trained)
+        trained[0, 0] = True
+        weights, targets = weights.new_zeros(1), torch.zeros(1, dtype=torch.long, device=trained.device)
+    lm_head = accelerator.unwrap_model(model).get_output_embeddings()
+    with accelerator.autocast():  # the model's forward runs under it; its lm_head must too
+        if impl == "liger":
+            return liger_source_sums(lm_head, hidden[trained], targets, weights, source[trained])
+        nll = head_nll(lm_head, hidden[trained], targets, chunk)  # (K,)
+    is_agent = source[trained] == AGENT
+    weighted = nll * weights
+    return torch.stack([weighted[is_agent].sum(), weighted[~is_agent].sum()])
 
 
 def source_counts(batch: dict) -> torch.Tensor:
@@ -232,18 +490,20 @@ def _per_source(sums: torch.Tensor, counts: torch.Tensor) -> list[float | None]:
 
 
 def forward_backward(accelerator, model, batches: list[dict], loss_cfg: LossConfig) -> StepLoss:
-    """Accumulate one optimizer step's gradients over ``batches`` and return its loss.
+    """Accumulate one optimizer step's gradients over ``batches`` and return its loss. The
+    window is all of ``batches``, however many (packed steps vary in count, never across ranks).
 
     The denominators of both loss parts are the weighted-token counts of the WHOLE step: every
     micro-batch of the accumulation window on every rank, summed before any backward. A mean of
     per-micro-batch means would instead over-weight the tokens of short samples.
     """
     if len(batches) != accelerator.gradient_accumulation_steps:
-        raise ValueError(f"{len(batches)} micro-batches for {accelerator.gradient_accumulation_steps} accumulation steps")
+        accumulate_over(accelerator, len(batches))
+    impl = loss_impl(accelerator, loss_cfg)
     device = accelerator.device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     local = sum(
-        torch.cat([source_counts(b), (b["target_weights"] > 0).sum().view(1), b["attention_mask"].sum().view(1)])
+        torch.cat([source_counts(b), (b["target_weights"] > 0).sum().view(1), input_tokens(b).view(1)])
         for b in batches
     )
     totals = accelerator.reduce(local.float(), reduction="sum")  # [N_agent, N_general, trained, tokens]
@@ -257,9 +517,7 @@ def forward_backward(accelerator, model, batches: list[dict], loss_cfg: LossConf
     sums = torch.zeros(2, device=device)
     for batch in batches:
         with accelerator.accumulate(model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            nll = token_nll(logits, batch["targets"], loss_cfg.ce_chunk_tokens)  # (B, T)
-            part = source_sums(nll * batch["target_weights"], batch["source"])  # (2,)
+            part = source_nll(accelerator, model, batch, impl, loss_cfg.ce_chunk_tokens)  # (2,)
             accelerator.backward((part * scales).sum() * undo_means)
             sums += part.detach()
     if not accelerator.sync_gradients:
@@ -273,6 +531,21 @@ def forward_backward(accelerator, model, batches: list[dict], loss_cfg: LossConf
         trained_tokens=int(totals[2].item()),
         tokens=int(totals[3].item()),
     )
+
+
+def accumulate_over(accelerator, num_micro_batches: int) -> None:
+    """Make this step's accumulation window ``num_micro_batches`` long (packed steps vary; every
+    rank has the same count, see packed_micro_batches). Accelerate ends a window, syncing the
+    gradients, when its micro-batch counter reaches a multiple of the window, so the counter
+    restarts too. backward's division follows the new count, and forward_backward undoes it."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine keeps the count it was built with
+        raise ValueError(
+            f"{num_micro_batches} micro-batches for DeepSpeed's {accelerator.gradient_accumulation_steps} accumulation steps"
+        )
+    accelerator.gradient_accumulation_steps = num_micro_batches
+    accelerator.step = 0
 
 
 def clip_gradients(accelerator, model, max_norm: float) -> float | None:
@@ -306,6 +579,7 @@ def evaluate(accelerator, model, dataset, micro_batch_size: int, pad_id: int, lo
     # Every rank runs the same number of forwards (collectives inside wrapped models must pair up);
     # a rank whose shard is short re-reads row 0 with its weights zeroed.
     num_batches = math.ceil(math.ceil(len(dataset) / world) / micro_batch_size)
+    impl = loss_impl(accelerator, loss_cfg)
     totals = torch.zeros(4, device=accelerator.device)  # [sum_agent, sum_general, N_agent, N_general]
     model.eval()
     for b in range(num_batches):
@@ -314,9 +588,7 @@ def evaluate(accelerator, model, dataset, micro_batch_size: int, pad_id: int, lo
         if not rows:
             batch["target_weights"].zero_()
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll = token_nll(logits, batch["targets"], loss_cfg.ce_chunk_tokens)
-        totals[:2] += source_sums(nll * batch["target_weights"], batch["source"])
+        totals[:2] += source_nll(accelerator, model, batch, impl, loss_cfg.ce_chunk_tokens)
         totals[2:] += source_counts(batch)
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")

@@ -1,0 +1,301 @@
+"""Packing, length grouping and the chunked lm_head: each changes how a step is computed,
+never what it computes. Checked through ``micro_batches`` and ``forward_backward``, the
+functions the loop calls, on the tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from accelerate import Accelerator
+from test_train_support import FAST, compose, metrics, run_train, synthetic_dataset, synthetic_rows, train_in_process
+
+from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig
+from agenttune.modeling import build_model
+from agenttune.training import (
+    IGNORE,
+    best_fit_decreasing,
+    build_accelerator,
+    collate,
+    forward_backward,
+    head_nll,
+    liger_source_sums,
+    micro_batches,
+    model_inputs,
+    pack,
+    source_nll,
+    split_bins,
+    step_rows,
+)
+
+PAD = 0
+
+
+def tiny(tuner: str = "full", extra: tuple[str, ...] = ()):
+    cfg = compose(FAST + [f"tuner={tuner}", "tuner.dropout=0.0", *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    model.train()
+    return model
+
+
+def step_grads(batches: list[dict], tuner: str = "full", impl: str = "chunked", extra: tuple[str, ...] = ()):
+    """One optimizer step's gradients and StepLoss through Accelerate, as the loop runs it."""
+    model = tiny(tuner, extra)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # packing resets it per step
+    result = forward_backward(accelerator, accelerator.prepare(model), batches, LossConfig(lambda_agent=0.3, impl=impl))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, result
+
+
+def assert_close_grads(a: dict, b: dict, **tol):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+# ----------------------------------------------------------------------------- bins
+
+
+@pytest.mark.parametrize("capacity", [40, 64, 200])
+def test_bfd_bins_respect_capacity_and_hold_every_item_once(capacity):
+    rng = random.Random(capacity)
+    for _ in range(20):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 30))]
+        bins = best_fit_decreasing(lengths, capacity)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+        # best fit: no two bins could be merged, so at most one bin is half empty or worse
+        assert sum(sum(lengths[i] for i in b) <= capacity / 2 for b in bins) <= 1
+        assert bins == best_fit_decreasing(lengths, capacity), "deterministic"
+
+
+def test_bfd_fills_the_tightest_bin():
+    # 6 opens bin 0 and 5 bin 1 (6 + 5 > 10); 4 fits both and goes to the fuller bin 0, which
+    # it fills; 3 and 2 fill bin 1; 1 fits nowhere and opens bin 2.
+    assert best_fit_decreasing([3, 6, 1, 4, 5, 2], 10) == [[1, 3], [4, 0, 5], [2]]
+
+
+def test_split_bins_reaches_the_count_without_overfilling():
+    lengths = [5, 4, 3, 2, 1, 1]
+    bins = best_fit_decreasing(lengths, 8)
+    split = split_bins(bins, lengths, 5)
+    assert len(split) == 5 and sorted(i for b in split for i in b) == list(range(6))
+    assert all(sum(lengths[i] for i in b) <= 8 for b in split)
+    with pytest.raises(ValueError, match="cannot cut 6 items into 7 bins"):
+        split_bins(bins, lengths, 7)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_packed_steps_train_the_same_rows_with_one_count_on_every_rank(world):
+    """Every row of the step exactly once over all ranks; the same micro-batch count on each
+    rank (DDP's all-reduce pairs up); no bin over max_tokens_per_batch."""
+    dataset = synthetic_dataset(30, seed=3, max_len=60)
+    train = TrainConfig(global_batch_size=12, micro_batch_size=1, packing=True, max_tokens_per_batch=90)
+    for step in range(4):
+        per_rank = [micro_batches(dataset, step, train, rank, world, PAD) for rank in range(world)]
+        assert len({len(batches) for batches in per_rank}) == 1
+        seen = sorted(tuple(ids) for batches in per_rank for b in batches for ids in unpack(b))
+        rows = step_rows(len(dataset), step, 12, train.seed)
+        assert seen == sorted(tuple(dataset[r]["input_ids"]) for r in rows)
+        assert all(b["input_ids"].shape[1] <= 90 for batches in per_rank for b in batches)
+
+
+def unpack(batch: dict) -> list[list[int]]:
+    """The samples of a packed row, cut where the position ids restart."""
+    ids, pos = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    return [ids[a:b] for a, b in itertools.pairwise(starts)]
+
+
+def test_pack_keeps_weights_and_sources_per_token_and_never_predicts_across_samples():
+    rows = {"input_ids": [[5, 6, 7], [8, 9]], "labels": [[-100, 6, 7], [-100, 9]],
+            "weights": [[0.0, 1.0, 2.0], [0.0, 1.0]], "source": [1, 0], "length": [3, 2]}
+    batch = pack(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["targets"].tolist() == [[6, 7, IGNORE, 9, IGNORE]]  # 7 never learns to predict 8
+    assert batch["target_weights"].tolist() == [[1.0, 2.0, 0.0, 1.0, 0.0]]
+    assert batch["source"].tolist() == [[1, 1, 1, 0, 0]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5]  # sample boundaries, for flash-attention's varlen kernel
+    assert "attention_mask" not in model_inputs(batch), "a mask would hide the sample boundaries from transformers"
+
+
+def test_a_sample_too_long_for_a_packed_batch_names_the_key():
+    dataset = synthetic_dataset(8, seed=1, min_len=30, max_len=40)
+    train = TrainConfig(global_batch_size=4, micro_batch_size=1, packing=True, max_tokens_per_batch=20)
+    with pytest.raises(ConfigError, match=r"train.max_tokens_per_batch: row \d+ of the training set has \d+ tokens"):
+        micro_batches(dataset, 0, train, 0, 1, PAD)
+
+
+# ----------------------------------------------------------------------------- attention isolation
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_sample_never_sees_its_neighbours(attn):
+    """Changing sample A changes nothing in sample B's logits, which equal B's logits alone.
+    The control (the same row without restarting positions) shows B would otherwise see A."""
+    model = tiny(extra=(f"model.attn_implementation={attn}",)).eval()
+    assert model.config._attn_implementation == attn
+    a, other_a, b = [5, 6, 7, 8, 9, 10], [50, 60, 70, 80, 90, 100], [20, 21, 22, 23, 24]
+
+    def row(first):
+        return pack({"input_ids": [first, b], "labels": [first, b], "weights": [[1.0] * 6, [1.0] * 5], "source": [0, 1]})
+
+    with torch.no_grad():
+        b_after_a = model(**model_inputs(row(a))).logits[0, 6:]
+        b_after_other = model(**model_inputs(row(other_a))).logits[0, 6:]
+        b_alone = model(input_ids=torch.tensor([b])).logits[0]
+        b_unmasked = model(input_ids=row(a)["input_ids"]).logits[0, 6:]
+    torch.testing.assert_close(b_after_a, b_after_other, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b_after_a, b_alone, rtol=1e-5, atol=1e-5)
+    assert (b_unmasked - b_alone).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- same step, other layout
+
+
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_packed_padded_and_grouped_steps_give_the_same_loss_and_gradients(tuner):
+    dataset = synthetic_dataset(24, seed=5, max_len=48)
+    padded = micro_batches(dataset, 1, TrainConfig(micro_batch_size=2, global_batch_size=8), 0, 1, PAD)
+    packed = micro_batches(dataset, 1, TrainConfig(global_batch_size=8, packing=True, max_tokens_per_batch=100), 0, 1, PAD)
+    grouped = micro_batches(dataset, 1, TrainConfig(micro_batch_size=2, global_batch_size=8, group_by_length=True), 0, 1, PAD)
+    assert len(padded) == len(grouped) == 4 and len(packed) not in (0, 4)  # the count really changes
+    assert sum(b["input_ids"].numel() for b in packed) < sum(b["input_ids"].numel() for b in grouped)
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in padded)
+    reference, r0 = step_grads(padded, tuner, impl="logits")
+    for batches in (packed, grouped):
+        grads, result = step_grads(batches, tuner)
+        assert result.loss == pytest.approx(r0.loss, rel=1e-6)
+        assert result.loss_agent == pytest.approx(r0.loss_agent, rel=1e-6)
+        assert result.loss_general == pytest.approx(r0.loss_general, rel=1e-6)
+        assert (result.trained_tokens, result.tokens) == (r0.trained_tokens, r0.tokens)
+        assert_close_grads(grads, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_grouping_sorts_the_share_longest_first():
+    dataset = synthetic_dataset(24, seed=5, max_len=48)
+    batches = micro_batches(dataset, 0, TrainConfig(micro_batch_size=2, global_batch_size=8, group_by_length=True), 0, 1, PAD)
+    lengths = [n for b in batches for n in b["attention_mask"].sum(dim=1).tolist()]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+# ----------------------------------------------------------------------------- chunked lm_head
+
+
+@pytest.mark.parametrize("tuner, extra", [
+    ("full", ()),
+    ("lora", ("tuner.include_embeddings=true",)),  # a LoRA adapter on lm_head itself
+    ("lora", ("hardware.gradient_checkpointing=true",)),
+])
+def test_chunked_head_equals_the_full_logits(tuner, extra):
+    rows = synthetic_rows(6, seed=2, vocab=700, max_len=40)
+    batches = [collate({k: v[i : i + 3] for k, v in rows.items()}, PAD) for i in (0, 3)]
+    plain, r_plain = step_grads(batches, tuner, impl="logits", extra=extra)
+    chunked, r_chunked = step_grads(batches, tuner, impl="chunked", extra=extra)
+    assert r_chunked.loss == pytest.approx(r_plain.loss, rel=1e-6)
+    assert_close_grads(chunked, plain, rtol=1e-4, atol=1e-7)
+    if "tuner.include_embeddings=true" in extra:
+        assert any("lm_head" in n and "lora_B" in n and g.abs().sum() > 0 for n, g in chunked.items())
+
+
+def test_head_nll_chunks_do_not_change_the_result():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    whole = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+    (whole * torch.arange(23)).sum().backward()
+    want = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
+    chunked = head_nll(head, hidden, targets, chunk=5)  # 5 chunks, the last one short
+    (chunked * torch.arange(23)).sum().backward()
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close((hidden.grad, head.weight.grad), want)
+
+
+def test_a_micro_batch_without_trained_tokens_still_reaches_lm_head():
+    """Zero loss, but lm_head gets a (zero) gradient: under DDP every parameter is all-reduced."""
+    rows = synthetic_rows(2, seed=4, vocab=700)
+    rows["labels"] = [[IGNORE] * len(x) for x in rows["labels"]]
+    rows["weights"] = [[0.0] * len(x) for x in rows["weights"]]
+    model = tiny("lora", ("tuner.include_embeddings=true",))
+    accelerator = Accelerator(cpu=True)
+    prepared = accelerator.prepare(model)
+    part = source_nll(accelerator, prepared, collate(rows, PAD), "chunked", 4096)
+    assert part.tolist() == [0.0, 0.0]
+    part.sum().backward()
+    head = [p for n, p in model.named_parameters() if "lm_head" in n and p.requires_grad]
+    assert head and all(p.grad is not None and not p.grad.any() for p in head)
+
+
+def test_liger_grouping_by_source_and_weight_equals_the_chunked_head():
+    """The Liger path's decomposition (one summed CE per (source, weight) group), with a plain
+    torch stand-in for the CUDA kernel: same sums, same gradients as head_nll."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (30,))
+    weights = torch.tensor([1.0, 2.0, 0.5] * 10)
+    source = torch.tensor([0, 1] * 15)
+
+    def sum_ce(h, w, t):
+        return torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
+
+    grouped = liger_source_sums(head, hidden, targets, weights, source, sum_ce=sum_ce)
+    grouped.sum().backward()
+    got = grouped.detach(), hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
+    weighted = head_nll(head, hidden, targets, chunk=7) * weights
+    direct = torch.stack([weighted[source == 0].sum(), weighted[source == 1].sum()])
+    direct.sum().backward()
+    torch.testing.assert_close(got, (direct.detach(), hidden.grad, head.weight.grad))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_packing_config_composes_and_validates():
+    cfg = compose(FAST + ["train.packing=true", "train.max_tokens_per_batch=512", "loss.impl=logits"])
+    assert (cfg.train.packing, cfg.train.max_tokens_per_batch, cfg.loss.impl) == (True, 512, "logits")
+    assert not compose(FAST).train.packing and compose(FAST).loss.impl == "auto"
+    with pytest.raises(ConfigError, match="train.group_by_length: applies to unpacked batches"):
+        compose(FAST + ["train.packing=true", "train.group_by_length=true"])
+    with pytest.raises(ConfigError, match="train.max_tokens_per_batch: must be >= 2"):
+        compose(FAST + ["train.max_tokens_per_batch=1"])
+    with pytest.raises(ConfigError, match="loss.impl: 'fused' is not one of"):
+        compose(FAST + ["loss.impl=fused"])
+    with pytest.raises(ConfigError, match="train.packing: hardware=zero2 uses DeepSpeed"):
+        build_accelerator(HardwareConfig(name="zero2", strategy="deepspeed"), TrainConfig(packing=True))
+
+
+def test_liger_on_cpu_says_why_not():
+    model = tiny()
+    accelerator = Accelerator(cpu=True)
+    batch = collate(synthetic_rows(2, seed=0, vocab=700), PAD)
+    with pytest.raises(ConfigError, match="loss.impl: liger runs Triton kernels on CUDA, not on cpu"):
+        forward_backward(accelerator, accelerator.prepare(model), [batch], LossConfig(impl="liger"))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.slow
+def test_two_processes_packed_equal_one_process_padded(tmp_path, monkeypatch):
+    """train.py under ``accelerate launch`` with 2 CPU ranks and packing (each rank packs its
+    share; the counts differ before they are equalised) matches one padded process."""
+    args = ["tuner.dropout=0", "train.max_steps=3", "train.global_batch_size=8", "train.lr=1e-3",
+            "train.eval_steps=3", "train.save_steps=3"]
+    data = {"train": 24, "eval": 5, "max_len": 48}
+    _, one = train_in_process(args + [f"output_dir={tmp_path / 'one'}"], monkeypatch, data=data)
+    packed = ["train.packing=true", "train.max_tokens_per_batch=64"]
+    run_train(tmp_path, FAST + args + packed + [f"output_dir={tmp_path / 'two'}"], data=data, processes=2)
+    (train1, eval1), (train2, eval2) = metrics(one), metrics(tmp_path / "two")
+    assert [e["step"] for e in train2] == [1, 2, 3]
+    for a, b in zip(train1, train2):
+        for key in ("loss", "loss_agent", "loss_general", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+        assert a["trained_tokens"] == b["trained_tokens"]
+    assert eval2[0]["eval/loss"] == pytest.approx(eval1[0]["eval/loss"], rel=1e-5)
