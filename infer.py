@@ -2,7 +2,7 @@
 or serve it behind an OpenAI-compatible API.
 
     python infer.py adapter=outputs/demo/RUN/final                          # mode=chat: REPL on stdin
-    python infer.py mode=agent adapter=RUN/final agent.query="Weather in Oslo on 2024-05-02?"
+    python infer.py mode=agent adapter=RUN/final "agent.query='Weather in Oslo on 2025-05-02?'"
     python infer.py mode=agent adapter=RUN/final agent.tools=[agenttune.demo_tools,my_pkg.tools]
     python infer.py mode=predict adapter=RUN/final predict.input=[eval.jsonl] predict.baseline=true
     python infer.py mode=serve model.path=merged/a port=8000                # then: openai.OpenAI(base_url=...)

@@ -53,7 +53,7 @@ case "$cmd" in
       predict.limit=60 predict.batch_size=32 generation.max_new_tokens=96 predict.compare="$run/predict-untrained"
     # 4. The tuned agent answers a new question by calling the real demo tools.
     python infer.py mode=agent adapter="$run/final" agent.offer=[get_weather,calculator] \
-      agent.query="What's the weather in Zurich on 2025-03-14?"
+      "agent.query='What is the weather in Warsaw on 2025-01-16?'"  # quoted for Hydra's override grammar
     ;;
   test)
     setup
