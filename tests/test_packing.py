@@ -13,7 +13,6 @@ from accelerate import Accelerator
 from test_train_support import FAST, compose, metrics, run_train, synthetic_dataset, synthetic_rows, train_in_process
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig
-from agenttune.modeling import build_model
 from agenttune.training import (
     IGNORE,
     best_fit_decreasing,
@@ -30,15 +29,12 @@ from agenttune.training import (
     step_rows,
 )
 
+from test_train_loss import fresh_model  # noqa: E402
+
 PAD = 0
 
 
-def tiny(tuner: str = "full", extra: tuple[str, ...] = ()):
-    cfg = compose(FAST + [f"tuner={tuner}", "tuner.dropout=0.0", *extra])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
-    model.train()
-    return model
+tiny = fresh_model  # the tiny model with a tuner, train mode, dropout off (shared with the loss tests)
 
 
 def step_grads(batches: list[dict], tuner: str = "full", impl: str = "chunked", extra: tuple[str, ...] = ()):
