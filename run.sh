@@ -44,13 +44,15 @@ case "$cmd" in
     # 1. The data: a synthetic tool-use world (python -m agenttune.data.synth), generated on first
     #    use. One training sample, its trained spans marked with their weights:
     python -m agenttune.data.inspect synth://agent_train.sharegpt.jsonl --index 3 --loss-scale hermes
-    # 2. Train the from-scratch demo model on agent + general data with L = λ·L_agent + (1-λ)·L_general.
-    python train.py experiment=demo output_dir="$run" "$@"
-    # 3. Score held-out tasks (unseen phrasings and entities) before and after training.
-    python infer.py mode=predict model=demo predict.input="$heldout" predict.output_dir="$run/predict-untrained" \
-      predict.limit=60 predict.batch_size=32 generation.max_new_tokens=64
+    # 2. Teach the from-scratch demo model to copy (repeat made-up names, codes, dates), then train
+    #    it on agent + general data with L = λ·L_agent + (1-λ)·L_general.
+    python train.py experiment=demo_base output_dir="$run/base"
+    python train.py experiment=demo model.path="$run/base/final" output_dir="$run" "$@"
+    # 3. Score held-out tasks (unseen phrasings and entities) before and after the agent training.
+    python infer.py mode=predict model=demo model.path="$run/base/final" predict.input="$heldout" \
+      predict.output_dir="$run/predict-before" predict.limit=60 predict.batch_size=32 generation.max_new_tokens=64
     python infer.py mode=predict adapter="$run/final" predict.input="$heldout" predict.output_dir="$run/predict" \
-      predict.limit=60 predict.batch_size=32 generation.max_new_tokens=96 predict.compare="$run/predict-untrained"
+      predict.limit=60 predict.batch_size=32 generation.max_new_tokens=96 predict.compare="$run/predict-before"
     # 4. The tuned agent answers a new question by calling the real demo tools.
     python infer.py mode=agent adapter="$run/final" agent.offer=[get_weather,calculator] \
       "agent.query='What is the weather in Warsaw on 2025-01-16?'"  # quoted for Hydra's override grammar

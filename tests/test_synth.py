@@ -1,6 +1,7 @@
 """The synthetic tool-use set: deterministic, readable by our readers, true to the tools,
 and with a held-out split that shares no phrasing or entity with training."""
 
+import datetime as dt
 import json
 import os
 import re
@@ -14,9 +15,9 @@ import pytest
 from agenttune.data import synth
 from agenttune.data.readers import read_file
 from agenttune.data.schema import Conversation, DataError
-from agenttune.demo_tools import TOOLS_BY_NAME
+from agenttune.demo_tools import CITIES, PRODUCTS, TOOLS_BY_NAME
 
-SIZES = {"train": 160, "heldout": 80, "general": 150, "general_heldout": 60, "failed": 40}
+SIZES = {"train": 160, "heldout": 80, "general": 150, "general_heldout": 60, "failed": 40, "copy": 50, "copy_heldout": 20}
 AGENT_FILES = [f"agent_{split}.{fmt}.jsonl" for split in synth.SPLITS for fmt in ("sharegpt", "ms_agent")]
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -57,7 +58,7 @@ def test_same_seed_same_bytes(tmp_path):
     synth.generate(tmp_path / "c", seed=1, train=60, heldout=40, general=40, general_heldout=20)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted([*AGENT_FILES, "general_train.jsonl", "general_heldout.jsonl", "trajectories.jsonl",
-                            "manifest.json"])
+                            "copy_train.jsonl", "copy_heldout.jsonl", "manifest.json"])
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "agent_train.sharegpt.jsonl").read_bytes() != (
@@ -67,10 +68,12 @@ def test_same_seed_same_bytes(tmp_path):
 # ----------------------------------------------------------------------------- readable, consistent
 
 
-@pytest.mark.parametrize("name", [*AGENT_FILES, "general_train.jsonl", "general_heldout.jsonl", "trajectories.jsonl"])
+@pytest.mark.parametrize("name", [*AGENT_FILES, "general_train.jsonl", "general_heldout.jsonl", "trajectories.jsonl",
+                                  "copy_train.jsonl", "copy_heldout.jsonl"])
 def test_every_record_reads_without_errors(out, name):
     expected = {"agent_train": SIZES["train"], "agent_heldout": SIZES["heldout"], "general_train": SIZES["general"],
-                "general_heldout": SIZES["general_heldout"], "trajectories": SIZES["train"] + SIZES["failed"]}
+                "general_heldout": SIZES["general_heldout"], "trajectories": SIZES["train"] + SIZES["failed"],
+                "copy_train": SIZES["copy"], "copy_heldout": SIZES["copy_heldout"]}
     assert len(read_all(out / name)) == expected[name.split(".")[0]]
 
 
@@ -293,6 +296,32 @@ def test_general_data(out):
             assert str(a + b if m["task"] == "add" else a * b) in r["output"]
 
 
+def test_copying_tasks_quote_made_up_names_from_their_input(out):
+    """extract and form teach copying: every value of the answer is in the input verbatim, and the
+    names are made up, in no pool of the agent world, so they cannot be recalled instead."""
+    known = set(CITIES) | {p["name"] for p in PRODUCTS} | {p["sku"] for p in PRODUCTS}
+    seen = Counter()
+    for name in ("general_train", "general_heldout", "copy_train", "copy_heldout"):
+        for r in lines(out / f"{name}.jsonl"):
+            task = r["meta"]["task"]
+            assert name.startswith("general") or task == "repeat"
+            if task == "repeat":
+                seen[name] += 1
+                assert r["output"] == r["input"] and not set(r["input"].split()) & known, r
+            if task not in ("extract", "form"):
+                continue
+            seen[task] += 1
+            values = [r["output"]] if task == "extract" else list(json.loads(r["output"]).values())
+            if task == "form":
+                assert list(json.loads(r["output"])) == ["name", "code", "date"]
+                assert re.fullmatch(r"[A-Z]{2}-\d{3}", values[1]) and dt.date.fromisoformat(values[2])
+            for value in values:
+                assert value in r["input"] and value not in known, r
+    assert seen["extract"] > 5 and seen["form"] > 5 and seen["copy_train"] == SIZES["copy"]
+    train = {r["input"] for r in lines(out / "copy_train.jsonl")}
+    assert not train & {r["input"] for r in lines(out / "copy_heldout.jsonl")}
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -324,7 +353,7 @@ def test_default_dir_is_built_once_into_the_cache(tmp_path, monkeypatch):
     path = synth.default_dir()
     assert path.parent == tmp_path and path.name.startswith("synth-")
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["files"]["agent_train.sharegpt.jsonl"]["records"] == 600
+    assert manifest["files"]["agent_train.sharegpt.jsonl"]["records"] == 4000
     assert manifest["files"]["general_heldout.jsonl"]["records"] == 120
     stamp = (path / "manifest.json").stat().st_mtime_ns
     assert synth.default_dir() == path and (path / "manifest.json").stat().st_mtime_ns == stamp

@@ -151,6 +151,25 @@ CITIES: dict[str, tuple[int, int]] = {
     "Warsaw": (9, 1), "Istanbul": (15, 1), "Osaka": (17, 1), "Hangzhou": (17, 1),
     "Nairobi": (19, 0), "Singapore": (28, 0), "Mumbai": (27, 0), "Lima": (19, -1),
     "Sydney": (18, -1), "Auckland": (15, -1), "Santiago": (14, -1), "Perth": (19, -1),
+    # Many names, so that a model can only get the held-out ones (every 4th) right by copying.
+    "Amsterdam": (10, 1), "Brussels": (11, 1), "Copenhagen": (9, 1), "Stockholm": (7, 1), "Zurich": (9, 1),
+    "Munich": (9, 1), "Hamburg": (9, 1), "Milan": (13, 1), "Naples": (16, 1), "Barcelona": (16, 1),
+    "Valencia": (18, 1), "Porto": (15, 1), "Seville": (19, 1), "Marseille": (15, 1), "Lyon": (12, 1),
+    "Edinburgh": (9, 1), "Manchester": (10, 1), "Glasgow": (9, 1), "Budapest": (11, 1), "Bucharest": (11, 1),
+    "Sofia": (10, 1), "Belgrade": (12, 1), "Zagreb": (11, 1), "Krakow": (8, 1), "Riga": (7, 1),
+    "Vilnius": (7, 1), "Tallinn": (6, 1), "Reykjavik": (5, 1), "Kyiv": (8, 1), "Tbilisi": (13, 1),
+    "Baku": (15, 1), "Tehran": (17, 1), "Dubai": (28, 1), "Doha": (27, 1), "Riyadh": (26, 1),
+    "Delhi": (25, 1), "Kathmandu": (19, 1), "Hanoi": (24, 1), "Taipei": (23, 1), "Kyoto": (16, 1),
+    "Sapporo": (9, 1), "Busan": (15, 1), "Nanjing": (16, 1), "Wuhan": (17, 1), "Chengdu": (16, 1),
+    "Harbin": (5, 1), "Montreal": (7, 1), "Vancouver": (11, 1), "Seattle": (12, 1), "Portland": (12, 1),
+    "Phoenix": (24, 1), "Dallas": (19, 1), "Houston": (21, 1), "Atlanta": (17, 1), "New York": (13, 1),
+    "Los Angeles": (18, 1), "San Francisco": (14, 1), "Miami": (25, 0), "Havana": (25, 0),
+    "Mexico City": (17, 0), "Hong Kong": (23, 0), "Kuala Lumpur": (28, 0), "Bangkok": (29, 0),
+    "Manila": (28, 0), "Jakarta": (27, 0), "Lagos": (27, 0), "Accra": (27, 0), "Bogota": (14, 0),
+    "Quito": (14, 0), "Chennai": (29, 0), "Colombo": (27, 0), "Melbourne": (15, -1), "Brisbane": (21, -1),
+    "Adelaide": (17, -1), "Wellington": (13, -1), "Christchurch": (12, -1), "Buenos Aires": (18, -1),
+    "Montevideo": (16, -1), "Cape Town": (17, -1), "Johannesburg": (16, -1), "Durban": (21, -1),
+    "Sao Paulo": (19, -1),
 }
 # Month offset from the annual mean in the northern hemisphere (January first).
 _SEASON = (-8, -7, -4, 0, 4, 8, 10, 9, 5, 0, -4, -7)
@@ -159,7 +178,9 @@ CONDITIONS = ("sunny", "cloudy", "rain", "windy", "fog")
 
 def _known_city(city: str, what: str = "city") -> str:
     if city not in CITIES:
-        raise ToolError(f"unknown {what} {city!r}; known cities: {', '.join(sorted(CITIES))}")
+        # A hint, not the whole table: 100+ names would fill a small model's context.
+        raise ToolError(f"unknown {what} {city!r}; the table has {len(CITIES)} cities, e.g. Oslo, Paris, Tokyo, "
+                        "Sydney; write the name in English as in 'Sao Paulo'")
     return city
 
 
@@ -229,6 +250,55 @@ PRODUCTS: list[dict] = [
     _product("DR-604", "Sparkling Water", "drinks", 0.85, "bottle", 140),
     _product("DR-605", "Apple Juice", "drinks", 2.6, "liter", 44),
     _product("DR-606", "Cola", "drinks", 1.25, "bottle", 0),
+    # A second shelf of each aisle, so the held-out quarter (every 4th) is a real test of copying.
+    _product("FR-107", "Kiwi", "fruit", 0.5, "each", 64),
+    _product("FR-108", "Pineapple", "fruit", 2.75, "each", 11),
+    _product("FR-109", "Strawberries", "fruit", 3.9, "box", 0),
+    _product("FR-110", "Red Grapes", "fruit", 4.3, "kg", 26),
+    _product("FR-111", "Watermelon", "fruit", 5.5, "each", 7),
+    _product("FR-112", "Peach", "fruit", 0.8, "each", 52),
+    _product("FR-113", "Cherries", "fruit", 6.4, "box", 0),
+    _product("FR-114", "Plum", "fruit", 0.65, "each", 38),
+    _product("VG-207", "Cucumber", "vegetables", 0.75, "each", 44),
+    _product("VG-208", "Zucchini", "vegetables", 2.1, "kg", 0),
+    _product("VG-209", "Cauliflower", "vegetables", 2.4, "each", 19),
+    _product("VG-210", "Sweet Corn", "vegetables", 0.7, "each", 66),
+    _product("VG-211", "Garlic", "vegetables", 0.35, "each", 130),
+    _product("VG-212", "Celery", "vegetables", 1.3, "each", 0),
+    _product("VG-213", "Kale", "vegetables", 2.6, "bag", 21),
+    _product("VG-214", "Pumpkin", "vegetables", 3.2, "each", 9),
+    _product("DA-307", "Mozzarella", "dairy", 2.8, "ball", 31),
+    _product("DA-308", "Sour Cream", "dairy", 1.9, "tub", 0),
+    _product("DA-309", "Cottage Cheese", "dairy", 2.35, "tub", 17),
+    _product("DA-310", "Feta", "dairy", 3.45, "block", 23),
+    _product("DA-311", "Cream Cheese", "dairy", 2.2, "tub", 0),
+    _product("DA-312", "Parmesan", "dairy", 7.8, "block", 13),
+    _product("DA-313", "Ricotta", "dairy", 2.65, "tub", 8),
+    _product("DA-314", "Kefir", "dairy", 2.3, "bottle", 29),
+    _product("BK-407", "Brioche", "bakery", 3.4, "loaf", 0),
+    _product("BK-408", "Ciabatta", "bakery", 2.05, "each", 15),
+    _product("BK-409", "Pretzel", "bakery", 1.1, "each", 42),
+    _product("BK-410", "Donut", "bakery", 1.2, "each", 0),
+    _product("BK-411", "Pita Bread", "bakery", 1.85, "pack", 27),
+    _product("BK-412", "Cinnamon Roll", "bakery", 2.25, "each", 18),
+    _product("BK-413", "Scone", "bakery", 1.6, "each", 11),
+    _product("BK-414", "Waffles", "bakery", 3.15, "pack", 0),
+    _product("PN-507", "Brown Sugar", "pantry", 2.15, "bag", 36),
+    _product("PN-508", "Sea Salt", "pantry", 1.45, "jar", 0),
+    _product("PN-509", "Black Pepper", "pantry", 3.05, "jar", 24),
+    _product("PN-510", "Lentils", "pantry", 2.4, "bag", 47),
+    _product("PN-511", "Chickpeas", "pantry", 1.3, "can", 0),
+    _product("PN-512", "Couscous", "pantry", 2.85, "box", 20),
+    _product("PN-513", "Maple Syrup", "pantry", 7.25, "bottle", 12),
+    _product("PN-514", "Quinoa", "pantry", 4.6, "bag", 15),
+    _product("DR-607", "Lemonade", "drinks", 1.95, "bottle", 58),
+    _product("DR-608", "Iced Coffee", "drinks", 2.45, "can", 0),
+    _product("DR-609", "Ginger Ale", "drinks", 1.4, "can", 73),
+    _product("DR-610", "Kombucha", "drinks", 3.25, "bottle", 16),
+    _product("DR-611", "Root Beer", "drinks", 1.35, "can", 0),
+    _product("DR-612", "Tonic Water", "drinks", 1.15, "bottle", 49),
+    _product("DR-613", "Energy Drink", "drinks", 2.1, "can", 35),
+    _product("DR-614", "Hot Chocolate", "drinks", 4.9, "box", 10),
 ]
 _BY_SKU = {p["sku"]: p for p in PRODUCTS}
 MAX_RESULTS = 6

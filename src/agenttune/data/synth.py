@@ -1,7 +1,7 @@
 """The embedded default data: a synthetic tool-use world built by calling ``agenttune.demo_tools``.
 
     python -m agenttune.data.synth --out DIR [--seed 0] [--train N] [--heldout M]
-        [--general K] [--general-heldout K2] [--failed F] [--distractors D]
+        [--general K] [--general-heldout K2] [--failed F] [--distractors D] [--copy C]
 
 Every observation is the real output of a demo tool, every final answer is a templated
 sentence quoting the values in those observations (so exact match on the final answer is a
@@ -15,6 +15,8 @@ same bytes. Files written to DIR:
   ``Final Answer:``), the APIs listed in the system prompt.
 - ``general_train.jsonl`` / ``general_heldout.jsonl``: Alpaca records (arithmetic, capitals,
   word length, sorting, rewriting), to measure forgetting of non-agent skills.
+- ``copy_train.jsonl`` / ``copy_heldout.jsonl``: Alpaca "repeat exactly" records over made-up
+  names, codes, dates and numbers: the demo's copy warm-up (``experiment=demo_base``).
 - ``trajectories.jsonl``: ShareGPT records with ``reward``: every training episode
   (``reward: true``) plus deliberately failed attempts at them (``reward: false``: wrong tool,
   bad arguments, no final answer, wrong answer), the input of ``agenttune.data.filter``.
@@ -170,15 +172,20 @@ def call(name: str, **arguments) -> tuple[Call, dict]:
 P = dict[str, dict[str, list[str]]]
 PHRASES: dict[str, P] = {
     "greet": {
-        "en": {"train": ["Hi!", "Hello there.", "What can you do?"], "heldout": ["Hey, how can you help me?"]},
-        "zh": {"train": ["你好！", "嗨，你好。", "你能做什么？"], "heldout": ["你可以帮我做些什么？"]},
+        "en": {"train": ["Hi!", "Hello there.", "What can you do?", "Good morning!", "Hello, who are you?",
+                           "What are you able to help with?"], "heldout": ["Hey, how can you help me?"]},
+        "zh": {"train": ["你好！", "嗨，你好。", "你能做什么？", "早上好！", "你好，你是谁？", "你能帮我什么忙？"], "heldout": ["你可以帮我做些什么？"]},
     },
     "cannot": {
         "en": {"train": ["Book a hotel in {city} for {date}.", "Reserve a table for two in {city} tonight.",
-                         "What is the stock price of {city} Airlines?"],
+                         "What is the stock price of {city} Airlines?", "Order a taxi to {city} airport on {date}.",
+                         "Send an email to my boss in {city}.", "Buy me a concert ticket in {city} for {date}.",
+                         "Translate this letter for my friend in {city}.", "Set an alarm for {date}."],
                "heldout": ["Rent me a car in {city} on {date}."]},
         "zh": {"train": ["帮我在 {city} 订一家 {date} 的酒店。", "帮我在 {city} 订一张今晚两人的餐桌。",
-                         "{city} 航空的股价是多少？"],
+                         "{city} 航空的股价是多少？", "帮我叫一辆 {date} 去 {city} 机场的出租车。",
+                         "给我在 {city} 的老板发一封邮件。", "帮我买一张 {date} 在 {city} 的演唱会门票。",
+                         "把这封信翻译给我在 {city} 的朋友。", "帮我设一个 {date} 的闹钟。"],
                "heldout": ["帮我在 {city} 租一辆 {date} 的车。"]},
     },
     "calc": {
@@ -325,11 +332,24 @@ ANSWERS: dict[str, dict[str, str]] = {
 CONDITION_ZH = {"sunny": "晴", "cloudy": "多云", "rain": "雨", "snow": "雪", "windy": "大风", "fog": "雾"}
 
 
+# Openings and closings around a task's first request, the same in both splits: the phrasing
+# proper (the template id) stays split-specific, while the model learns that the words around
+# it do not decide the tool. Follow-ups and greetings are left bare.
+OPENINGS = {"en": ("", "", "", "Hi, ", "Please: ", "Quick question: ", "Hey! ", "Can you help? "),
+            "zh": ("", "", "", "你好，", "请问：", "麻烦帮个忙，", "嗨！")}
+CLOSINGS = {"en": ("", "", "", " Thanks!", " Thank you.", " I need it today."),
+            "zh": ("", "", "", "谢谢！", "多谢。", "今天要用。")}
+BARE = ("greet", "weather_more", "calc_more", "stock_more")
+
+
 def phrase(rng: random.Random, kind: str, lang: str, split: str) -> tuple[str, str]:
     """A random phrasing of ``kind`` for the split, with its template id."""
     options = PHRASES[kind][lang][split]
     i = rng.randrange(len(options))
-    return f"{kind}.{lang}.{split[0]}{i}", options[i]
+    text = options[i]
+    if kind not in BARE:
+        text = rng.choice(OPENINGS[lang]) + text + rng.choice(CLOSINGS[lang])
+    return f"{kind}.{lang}.{split[0]}{i}", text
 
 
 def answer(kind: str, lang: str, **values) -> str:
@@ -379,7 +399,7 @@ def task_cannot(ctx: Ctx) -> Episode:
     tid, text = ctx.phrase("cannot")
     turn = Turn(text.format(city=city, date=date), [], answer("cannot", ctx.lang),
                 final_thought="None of my tools can do this")
-    used = {"cities": [city]} | ({"dates": [date]} if "{date}" in text else {})
+    used = ({"cities": [city]} if "{city}" in text else {}) | ({"dates": [date]} if "{date}" in text else {})
     return Episode("cannot", ctx.lang, [tid], [turn], [], used)
 
 
@@ -825,8 +845,35 @@ GENERAL: dict[str, dict[str, dict[str, list[str]]]] = {
                        "heldout": ["Flip the word order of this text."]},
                 "zh": {"train": ["把这些词倒过来排列。", "将这些单词的顺序反转。", "按相反顺序写出这些词。"],
                        "heldout": ["请把下面单词的先后次序颠倒。"]}},
+    # Copying made-up names, codes and dates out of a sentence, as text or as JSON: the skill a tool
+    # call's arguments need, on names no pool holds, so it can only be learned as copying. repeat
+    # (below) is the densest form: every answer token is a copy, which is what makes a model from
+    # scratch grow the attention heads that copy (induction heads) within minutes.
+    "extract": {"en": {"train": ["Which name appears in this sentence? Answer with the name only.",
+                                 "Copy the name from this sentence.", "Who or what is named here? Just the name."],
+                       "heldout": ["Pick out the name in the text below."]},
+                "zh": {"train": ["这句话里提到了哪个名字？只回答名字。", "把句子里的名字抄出来。", "这里提到的名字是什么？"],
+                       "heldout": ["找出下面这段话中的名字。"]}},
+    "form": {"en": {"train": ["Put the name, code and date of this note into JSON.",
+                              "Fill a JSON object with the name, code and date mentioned.",
+                              "Extract name, code and date as JSON."],
+                    "heldout": ["Give me this note's name, code and date as a JSON object."]},
+             "zh": {"train": ["把这条记录的名字、编号和日期写成 JSON。", "用 JSON 列出其中的名字、编号和日期。",
+                              "提取名字、编号和日期，输出 JSON。"],
+                    "heldout": ["请以 JSON 对象给出这条记录里的名字、编号和日期。"]}},
+    "repeat": {"en": {"train": ["Repeat exactly.", "Copy this text exactly.", "Say this back word for word."],
+                      "heldout": ["Echo the following text without changing it."]},
+               "zh": {"train": ["原样重复。", "把这段文字原样抄一遍。", "一字不差地复述。"],
+                      "heldout": ["请照抄下面的内容，不要改动。"]}},
 }
-GENERAL_WEIGHTS = {"add": 3, "times": 2, "capital": 3, "length": 2, "sort": 2, "upper": 2, "reverse": 2}
+GENERAL_WEIGHTS = {"add": 3, "times": 2, "capital": 3, "length": 2, "sort": 2, "upper": 2, "reverse": 2,
+                   "extract": 5, "form": 6, "repeat": 12}
+SYLLABLES = ("ka ri to mel va sen lor dun bi fa qui zer pol tam ash ni gor vel ru sto han ebb lin mar "
+             "os tri yel cor du fen wik ja bro nel pa sim thu ov gal ren").split()
+NOTES = {"en": ("{name} ordered {code} on {date}.", "Ship {code} to {name} before {date}.",
+                "On {date}, {name} returned item {code}.", "{name} booked room {code} for {date}."),
+         "zh": ("{name} 在 {date} 订购了 {code}。", "在 {date} 之前把 {code} 寄给 {name}。",
+                "{date}，{name} 退回了 {code}。", "{name} 预订了 {date} 的 {code} 号房间。")}
 GENERAL_OUTPUTS = {"add": {"en": "{a} + {b} = {c}.", "zh": "{a} + {b} = {c}。"},
                    "times": {"en": "{a} × {b} = {c}.", "zh": "{a} × {b} = {c}。"}}
 
@@ -860,6 +907,16 @@ def _general_item(task: str, rng: random.Random, lang: str, split: str,
         key = "sort:" + ",".join(map(str, nums))
         record = {"instruction": instruction, "input": ", ".join(map(str, nums)),
                   "output": ", ".join(map(str, sorted(nums)))}
+    elif task == "repeat":
+        text = " ".join(_made_up_item(rng) for _ in range(rng.randint(3, 6)))
+        key = f"repeat:{text}"
+        record = {"instruction": instruction, "input": text, "output": text}
+    elif task in ("extract", "form"):
+        name, code, date = _made_up_name(rng), _made_up_code(rng), _made_up_date(rng)
+        key = f"{task}:{name}:{code}:{date}"
+        note = rng.choice(NOTES[lang]).format(name=name, code=code, date=date)
+        output = name if task == "extract" else canonical_json({"name": name, "code": code, "date": date})
+        record = {"instruction": instruction, "input": note, "output": output}
     else:
         text = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
         key = f"{task}:{text}"
@@ -868,18 +925,43 @@ def _general_item(task: str, rng: random.Random, lang: str, split: str,
     return key, record, tid
 
 
+def _made_up_name(rng: random.Random) -> str:
+    """A name no pool holds (one or two words of 2-3 syllables): copying is the only way to get it right."""
+    word = lambda: "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()  # noqa: E731
+    return word() if rng.random() < 0.6 else f"{word()} {word()}"
+
+
+def _made_up_code(rng: random.Random) -> str:
+    letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+    return f"{rng.choice(letters)}{rng.choice(letters)}-{rng.randint(100, 999)}"
+
+
+def _made_up_date(rng: random.Random) -> str:
+    return (dt.date(2020, 1, 1) + dt.timedelta(days=rng.randrange(3650))).isoformat()
+
+
+def _made_up_item(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return _made_up_name(rng)
+    if kind == 1:
+        return _made_up_code(rng)
+    return _made_up_date(rng) if kind == 2 else str(rng.randint(2, 999))
+
+
 def _general_split_of(key: str) -> str:
     if key.startswith("capital:"):
         return "either"
     return "heldout" if stable_int("general", key) % 4 == 0 else "train"
 
 
-def general_records(n: int, split: str, seed: int, countries: list[str]) -> list[dict]:
-    """``n`` distinct general items of the split. The task and language are drawn first and
-    the item is redrawn until it belongs to the split, so the split rule does not skew the
-    task mix; a task whose items are used up is drawn again less and less often."""
-    rng = random.Random(f"{seed}:general:{split}")
-    tasks = list(GENERAL)
+def general_records(n: int, split: str, seed: int, countries: list[str], tasks: tuple[str, ...] = tuple(GENERAL),
+                    label: str = "general") -> list[dict]:
+    """``n`` distinct general items of the split, of ``tasks``. The task and language are drawn
+    first and the item is redrawn until it belongs to the split, so the split rule does not skew
+    the task mix; a task whose items are used up is drawn again less and less often."""
+    rng = random.Random(f"{seed}:{label}:{split}")
+    tasks = list(tasks)
     pairs = [(t, lang) for t in tasks for lang in LANGS if lang in GENERAL[t]]
     records, seen, draws = [], set(), 0
     while len(records) < n:
@@ -899,7 +981,7 @@ def general_records(n: int, split: str, seed: int, countries: list[str]) -> list
         else:
             continue
         seen.add(key)
-        record["meta"] = {"id": f"general-{split}-{len(records):05d}", "split": split, "task": task, "lang": lang,
+        record["meta"] = {"id": f"{label}-{split}-{len(records):05d}", "split": split, "task": task, "lang": lang,
                           "template": tid, "key": key, "gold": record["output"]}
         records.append(record)
     return records
@@ -921,14 +1003,15 @@ def _summary(records: list[dict]) -> dict:
             **({"by_shape": count("shape"), "by_calls": count("calls")} if "shape" in metas[0] else {})}
 
 
-def generate(out_dir: str | Path, seed: int = 0, train: int = 600, heldout: int = 120, general: int = 600,
-             general_heldout: int = 120, failed: int | None = None, distractors: int = DISTRACTORS) -> dict:
+def generate(out_dir: str | Path, seed: int = 0, train: int = 4000, heldout: int = 120, general: int = 4000,
+             general_heldout: int = 120, failed: int | None = None, distractors: int = DISTRACTORS,
+             copy: int = 8000, copy_heldout: int = 100) -> dict:
     """Write every file of the synthetic set into ``out_dir``; return the manifest
     (paths, counts). ``failed`` defaults to a quarter of ``train``."""
     if not 0 <= distractors < len(TOOLS):
         raise ValueError(f"distractors must be between 0 and {len(TOOLS) - 1}, got {distractors}")
     for name, value in (("train", train), ("heldout", heldout), ("general", general),
-                        ("general_heldout", general_heldout)):
+                        ("general_heldout", general_heldout), ("copy", copy), ("copy_heldout", copy_heldout)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     failed = train // 4 if failed is None else failed
@@ -956,6 +1039,9 @@ def generate(out_dir: str | Path, seed: int = 0, train: int = 600, heldout: int 
     taught = sorted({r["meta"]["key"].split(":")[1] for r in general_train if r["meta"]["task"] == "capital"})
     files["general_train.jsonl"] = general_train
     files["general_heldout.jsonl"] = general_records(general_heldout, "heldout", seed, taught)
+    # The copy warm-up of the demo (conf/experiment/demo_base.yaml): repeat only.
+    files["copy_train.jsonl"] = general_records(copy, "train", seed, [], ("repeat",), "copy")
+    files["copy_heldout.jsonl"] = general_records(copy_heldout, "heldout", seed, [], ("repeat",), "copy")
 
     for name, records in files.items():
         _write_jsonl(out / name, records)
@@ -998,17 +1084,20 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write the files into (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
-    p.add_argument("--train", type=int, default=600, help="agent training episodes (default 600)")
+    p.add_argument("--train", type=int, default=4000, help="agent training episodes (default 4000)")
     p.add_argument("--heldout", type=int, default=120, help="held-out agent episodes (default 120)")
-    p.add_argument("--general", type=int, default=600, help="general (Alpaca) training records (default 600)")
+    p.add_argument("--general", type=int, default=4000, help="general (Alpaca) training records (default 4000)")
     p.add_argument("--general-heldout", type=int, default=120, help="held-out general records (default 120)")
     p.add_argument("--failed", type=int, help="failed trajectories in trajectories.jsonl (default: train/4)")
+    p.add_argument("--copy", type=int, default=8000, help="copy warm-up records, repeat only (default 8000)")
+    p.add_argument("--copy-heldout", type=int, default=100, help="held-out copy records (default 100)")
     p.add_argument("--distractors", type=int, default=DISTRACTORS,
                    help=f"tools offered beyond those a sample needs (default {DISTRACTORS}; 0 gives the shortest prompts)")
     args = p.parse_args(argv)
     try:
         manifest = generate(args.out, seed=args.seed, train=args.train, heldout=args.heldout, general=args.general,
-                            general_heldout=args.general_heldout, failed=args.failed, distractors=args.distractors)
+                            general_heldout=args.general_heldout, failed=args.failed, distractors=args.distractors,
+                            copy=args.copy, copy_heldout=args.copy_heldout)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
