@@ -14,7 +14,8 @@ same bytes. Files written to DIR:
   ms-agent ReAct text (``Thought:`` / ``Action:`` / ``Action Input:`` / ``Observation:`` /
   ``Final Answer:``), the APIs listed in the system prompt.
 - ``general_train.jsonl`` / ``general_heldout.jsonl``: Alpaca records (arithmetic, capitals,
-  word length, sorting, rewriting), to measure forgetting of non-agent skills.
+  word length, sorting, rewriting, and copying made-up names out of a text: extract, JSON
+  form, repeat), to measure forgetting of non-agent skills.
 - ``copy_train.jsonl`` / ``copy_heldout.jsonl``: Alpaca "repeat exactly" records over made-up
   names, codes, dates and numbers: the demo's copy warm-up (``experiment=demo_base``).
 - ``trajectories.jsonl``: ShareGPT records with ``reward``: every training episode
