@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from agenttune.attention import PACKED_SDPA, use_packed_sdpa
 from agenttune.config import Config, to_config
 from agenttune.data.pipeline import build_datasets
 from agenttune.modeling import build_model, build_tokenizer, count_parameters
@@ -71,6 +72,8 @@ def train(cfg: Config) -> TrainState:
     with accelerator.main_process_first():  # rank 0 fills the dataset cache, the others read it
         data = build_datasets(cfg.data, cfg.model.template, tokenizer)
     model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    if cfg.train.packing and use_packed_sdpa(model):
+        log.info("packed rows: sdpa runs once per sample (%s), not over the whole row", PACKED_SDPA)
     total_steps = cfg.train.total_steps(len(data.train))
     optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps, world)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
 from test_train_support import FAST, compose, metrics, run_train, synthetic_dataset, synthetic_rows, train_in_process
 
+from agenttune.attention import PACKED_SDPA, use_packed_sdpa
+from agenttune.modeling import build_model
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig
 from agenttune.training import (
     IGNORE,
@@ -37,9 +41,12 @@ PAD = 0
 tiny = fresh_model  # the tiny model with a tuner, train mode, dropout off (shared with the loss tests)
 
 
-def step_grads(batches: list[dict], tuner: str = "full", impl: str = "chunked", extra: tuple[str, ...] = ()):
-    """One optimizer step's gradients and StepLoss through Accelerate, as the loop runs it."""
+def step_grads(batches: list[dict], tuner: str = "full", impl: str = "chunked", extra: tuple[str, ...] = (), per_sample: bool = False):
+    """One optimizer step's gradients and StepLoss through Accelerate, as the loop runs it;
+    ``per_sample``: with train.py's packed attention (agenttune.attention)."""
     model = tiny(tuner, extra)
+    if per_sample:
+        assert use_packed_sdpa(model)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # packing resets it per step
     result = forward_backward(accelerator, accelerator.prepare(model), batches, LossConfig(lambda_agent=0.3, impl=impl))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, result
@@ -128,11 +135,13 @@ def test_a_sample_too_long_for_a_packed_batch_names_the_key():
 # ----------------------------------------------------------------------------- attention isolation
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_a_packed_sample_never_sees_its_neighbours(attn):
     """Changing sample A changes nothing in sample B's logits, which equal B's logits alone.
     The control (the same row without restarting positions) shows B would otherwise see A."""
-    model = tiny(extra=(f"model.attn_implementation={attn}",)).eval()
+    model = tiny(extra=(f"model.attn_implementation={'sdpa' if attn == PACKED_SDPA else attn}",)).eval()
+    if attn == PACKED_SDPA:
+        assert use_packed_sdpa(model)
     assert model.config._attn_implementation == attn
     a, other_a, b = [5, 6, 7, 8, 9, 10], [50, 60, 70, 80, 90, 100], [20, 21, 22, 23, 24]
 
@@ -162,8 +171,8 @@ def test_packed_padded_and_grouped_steps_give_the_same_loss_and_gradients(tuner)
     assert sum(b["input_ids"].numel() for b in packed) < sum(b["input_ids"].numel() for b in grouped)
     assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in padded)
     reference, r0 = step_grads(padded, tuner, impl="logits")
-    for batches in (packed, grouped):
-        grads, result = step_grads(batches, tuner)
+    for batches, per_sample in ((packed, False), (packed, True), (grouped, False)):
+        grads, result = step_grads(batches, tuner, per_sample=per_sample)
         assert result.loss == pytest.approx(r0.loss, rel=1e-6)
         assert result.loss_agent == pytest.approx(r0.loss_agent, rel=1e-6)
         assert result.loss_general == pytest.approx(r0.loss_general, rel=1e-6)
@@ -295,3 +304,94 @@ def test_two_processes_packed_equal_one_process_padded(tmp_path, monkeypatch):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
         assert a["trained_tokens"] == b["trained_tokens"]
     assert eval2[0]["eval/loss"] == pytest.approx(eval1[0]["eval/loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- per-sample sdpa
+
+
+def random_rows(lengths: list[int], seed: int) -> dict:
+    rng = random.Random(seed)
+    ids = [[rng.randrange(5, 700) for _ in range(n)] for n in lengths]
+    return {"input_ids": ids, "labels": ids, "weights": [[1.0] * n for n in lengths], "source": [0, 1] * len(lengths)}
+
+
+@pytest.mark.parametrize("extra", [(), ("hardware.gradient_checkpointing=true",)])
+def test_per_sample_sdpa_equals_the_masked_row_and_its_gradients(extra):
+    """packed_sdpa against transformers' sdpa with the block-diagonal mask, on a packed row of
+    the tiny model (grouped-query attention: 4 heads, 2 key/value heads), samples of 1 token included."""
+    row = pack({k: v[:6] for k, v in random_rows([17, 1, 40, 9, 1, 23], seed=3).items()})
+    results = []
+    for per_sample in (False, True):
+        model = tiny("lora", ("model.attn_implementation=sdpa", *extra))
+        if per_sample:
+            assert use_packed_sdpa(model) and model.get_base_model().config._attn_implementation == PACKED_SDPA
+        logits = model(**model_inputs(row)).logits
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (masked, g_masked), (per, g_per) = results
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    torch.testing.assert_close(per, masked, rtol=1e-5, atol=1e-5)
+    assert_close_grads(g_per, g_masked, rtol=1e-4, atol=1e-6)
+
+
+def test_per_sample_sdpa_leaves_padded_batches_and_generation_to_sdpa(tmp_path):
+    """Without sample boundaries packed_sdpa is sdpa: a left-padded batch (generation's layout)
+    gives the same logits and the same greedy tokens."""
+    rows = random_rows([12, 5, 9], seed=4)
+    width = max(map(len, rows["input_ids"]))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows["input_ids"]])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows["input_ids"]])
+    outputs = []
+    for per_sample in (False, True):
+        model = tiny(extra=("model.attn_implementation=sdpa",)).eval()
+        if per_sample:
+            assert use_packed_sdpa(model)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        outputs.append((logits[mask.bool()], tokens))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs[1][1], outputs[0][1])
+
+
+def test_per_sample_sdpa_is_not_saved_with_the_model(tmp_path):
+    """A model trained with packed_sdpa saves a config.json that stock from_pretrained loads
+    (in a process that never registered the name) with its usual attention."""
+    model = tiny(extra=("model.attn_implementation=sdpa",))
+    assert use_packed_sdpa(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert PACKED_SDPA not in (tmp_path / "saved" / "config.json").read_text()
+    script = (
+        "import sys; from transformers import AutoModelForCausalLM; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); print(m.config._attn_implementation)"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "saved")], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "sdpa"
+
+
+def test_per_sample_sdpa_only_replaces_sdpa():
+    """flash-attention has its own varlen kernel and eager was asked for by name: both stay."""
+    model = tiny(extra=("model.attn_implementation=eager",))
+    assert not use_packed_sdpa(model) and model.config._attn_implementation == "eager"
+
+
+def test_train_py_switches_to_per_sample_sdpa_only_when_packing(tmp_path, monkeypatch):
+    """What train.py runs with: the attention the model had during the step, seen by a forward hook."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((module.config._attn_implementation, "cu_seq_lens_q" in kwargs))
+
+    def build_and_watch(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    args = ["train.max_steps=1", "train.global_batch_size=4", "train.save_steps=1"]
+    data = {"train": 8, "eval": 0, "max_len": 40}
+    for packing in (True, False):
+        seen.clear()
+        train_in_process(args + [f"train.packing={packing}", f"output_dir={tmp_path / str(packing)}"],
+                         monkeypatch, data=data, replace={"build_model": build_and_watch})
+        assert seen and set(seen) == ({(PACKED_SDPA, True)} if packing else {("sdpa", False)})

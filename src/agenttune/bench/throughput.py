@@ -268,6 +268,7 @@ def run_ours(work: Workload) -> dict:
     """train.py's step, without eval, logging or checkpoints."""
     from accelerate.utils import set_seed
 
+    from agenttune.attention import use_packed_sdpa
     from agenttune.modeling import build_model
     from agenttune.training import (
         build_accelerator,
@@ -284,6 +285,8 @@ def run_ours(work: Workload) -> dict:
         raise SystemExit("the benchmark runs one process; its tokens/s are per device")
     set_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    if cfg.train.packing:
+        use_packed_sdpa(model)  # as train.py does
     optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.train, work.steps, 1)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
