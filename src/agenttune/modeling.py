@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from agenttune.config import HardwareConfig, ModelConfig, TunerConfig
+from agenttune.config import ConfigError, HardwareConfig, ModelConfig, TunerConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,14 @@ def lora_targets(model: torch.nn.Module, tuner: TunerConfig) -> str | list[str]:
     """PEFT ``target_modules``: all-linear, explicit names, or (include_embeddings) every
     linear and embedding layer including lm_head."""
     if not tuner.include_embeddings:
-        if tuner.target_modules == "all-linear":
+        if tuner.target_modules != "all-linear":
+            return [name.strip() for name in tuner.target_modules.split(",") if name.strip()]
+        if not tuner.top_layers:
             return "all-linear"
-        return [name.strip() for name in tuner.target_modules.split(",") if name.strip()]
+        # PEFT takes layers_to_transform with a list of names only: spell all-linear out.
+        head = model.get_output_embeddings()
+        return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                       if isinstance(module, torch.nn.Linear) and module is not head})
     kinds = (torch.nn.Linear, torch.nn.Embedding)
     return sorted({name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, kinds)})
 
@@ -129,11 +134,38 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
 
     if not tuner.uses_adapter:
         model.requires_grad_(True)
+        freeze_parameters(model, tuner.freeze)
         return model
 
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(model, tuner))
+
+
+def freeze_parameters(model: torch.nn.Module, prefixes) -> None:
+    """Turn off the gradient of every parameter whose name starts with one of ``prefixes``
+    (``tuner.freeze``). A prefix that names no parameter is a config error, not a no-op."""
+    if not prefixes:
+        return
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in names):
+            example = ", ".join(names[:3])
+            raise ConfigError(f"tuner.freeze: {prefix!r} is the prefix of no parameter of this model "
+                              f"(its names look like {example}, ...)")
+    for name, param in model.named_parameters():
+        if name.startswith(tuple(prefixes)):
+            param.requires_grad_(False)
+
+
+def adapted_layers(model: torch.nn.Module, top_layers: int) -> list[int] | None:
+    """The decoder-layer indices of ``tuner.top_layers`` (None: every layer)."""
+    if not top_layers:
+        return None
+    total = model.config.get_text_config().num_hidden_layers
+    if top_layers > total:
+        raise ConfigError(f"tuner.top_layers: {top_layers} is more than the model's {total} layers")
+    return list(range(total - top_layers, total))
 
 
 def lora_config(model, tuner: TunerConfig):
@@ -147,6 +179,7 @@ def lora_config(model, tuner: TunerConfig):
         lora_dropout=tuner.dropout,
         target_modules=lora_targets(model, tuner),
         use_dora=tuner.name == "dora",
+        layers_to_transform=adapted_layers(model, tuner.top_layers),
         # With tied input/output embeddings, keep the adapters on the two tied layers tied as well.
         ensure_weight_tying=tuner.include_embeddings and bool(getattr(model.config, "tie_word_embeddings", False)),
         bias="none",

@@ -301,6 +301,82 @@ PHRASES: dict[str, P] = {
     },
 }
 
+# More training phrasings of the same requests, appended to PHRASES' train lists (template ids
+# continue the numbering). Three per task taught a model keywords, not requests: 135M-parameter
+# SmolLM2 sent "Will it be nice in Bangkok on 2025-05-08?" (a held-out phrasing) to the calculator.
+_MORE_TRAIN: dict[str, dict[str, list[str]]] = {
+ "calc": {"en": ["Work out {expr}.", "What does {expr} come to?", "Can you evaluate {expr}?", "Solve {expr}.",
+                 "I need the result of {expr}.", "Quick math: {expr}?"],
+          "zh": ["{expr} 的结果是什么？", "算算 {expr}。", "帮我求 {expr} 的值。", "{expr} 是多少？", "请计算 {expr} 的值。", "{expr} 算出来等于几？"]},
+ "convert": {"en": ["Turn {value} {from_unit} into {to_unit}.", "{value} {from_unit} equals how many {to_unit}?",
+                    "Change {value} {from_unit} to {to_unit}.", "I need {value} {from_unit} in {to_unit}.",
+                    "What's {value} {from_unit} when converted to {to_unit}?", "Convert {value} {from_unit} into {to_unit} for me."],
+             "zh": ["{value} {from_unit} 换成 {to_unit} 是多少？", "帮我把 {value} {from_unit} 转成 {to_unit}。", "{value} {from_unit} 合多少 {to_unit}？",
+                    "{value} {from_unit} 折合成 {to_unit} 是多少？", "把 {value} {from_unit} 变成 {to_unit}。", "{value} {from_unit} 相当于多少 {to_unit}？"]},
+ "weather": {"en": ["What's the forecast for {city} on {date}?", "Is it going to rain in {city} on {date}?",
+                    "How hot or cold will {city} be on {date}?", "Tell me the weather in {city} for {date}.",
+                    "What will {city} be like on {date}, weather-wise?", "Sunny or not in {city} on {date}?"],
+             "zh": ["{city} {date} 会下雨吗？", "{date} {city} 的天气预报是什么？", "{city} 在 {date} 冷不冷？",
+                    "告诉我 {date} {city} 的天气。", "{date} 的 {city} 是晴天吗？", "{city} {date} 天气好不好？"]},
+ "days": {"en": ["How long is it from {start} to {end}, in days?", "Days between {start} and {end}?",
+                 "How many days separate {start} and {end}?", "From {start} to {end} is how many days?",
+                 "Tell me the day count from {start} to {end}.", "What's the gap in days between {start} and {end}?"],
+          "zh": ["{start} 到 {end} 一共几天？", "{start} 离 {end} 还有多少天？", "算一下 {start} 至 {end} 的天数。",
+                 "从 {start} 到 {end} 隔了多少天？", "{start} 与 {end} 相差几天？", "{start} 到 {end} 之间有几天？"]},
+ "aisle": {"en": ["What do you have in {category}?", "Which items are in the {category} aisle?", "Anything in {category}?",
+                  "Show the {category} section.", "Do you carry {category}? What exactly?", "Tell me your {category} range."],
+           "zh": ["{category} 类都卖什么？", "你们 {category} 区有什么？", "有什么 {category} 类的东西？",
+                  "给我看看 {category} 类商品。", "{category} 类有哪些东西卖？", "{category} 货架上有什么？"]},
+ "flights": {"en": ["Show me flights {origin} to {destination} on {date}.", "I need a flight from {origin} to {destination} on {date}.",
+                    "What flights are there between {origin} and {destination} on {date}?",
+                    "Look up {date} flights from {origin} to {destination}.", "Can I fly from {origin} to {destination} on {date}?",
+                    "List flights from {origin} to {destination} for {date}."],
+             "zh": ["{date} 我要从 {origin} 飞到 {destination}，有航班吗？", "查一下 {origin} 到 {destination} {date} 的航班。",
+                    "{date} {origin} 去 {destination} 的飞机有哪些？", "帮我找 {date} 从 {origin} 出发去 {destination} 的航班。",
+                    "{origin} 到 {destination}，{date}，有什么航班？", "列出 {date} {origin} 至 {destination} 的航班。"]},
+ "price": {"en": ["What does {product} sell for?", "Tell me the price of {product}.", "How expensive is {product}?",
+                  "I'd like to buy {product}. What does it cost?", "Cost of {product}?", "What are you charging for {product}?"],
+           "zh": ["{product} 卖多少？", "{product} 什么价？", "{product} 贵不贵？多少钱？", "我想买 {product}，多少钱？",
+                  "{product} 的售价是多少？", "告诉我 {product} 的价格。"]},
+ "temp_f": {"en": ["Tell me {city}'s temperature on {date} in °F.", "What will the temperature be in {city} on {date}, in Fahrenheit?",
+                   "In °F, how warm is {city} on {date}?", "{city} on {date}: temperature in Fahrenheit?",
+                   "Fahrenheit reading for {city} on {date}?", "How many degrees Fahrenheit in {city} on {date}?"],
+            "zh": ["{city} {date} 多少华氏度？", "告诉我 {date} {city} 的华氏温度。", "{date} {city} 气温用华氏度是多少？",
+                   "{city} 在 {date} 的温度换成华氏度。", "{city} {date} 的华氏气温是几度？", "用华氏度说一下 {date} {city} 的温度。"]},
+ "trip_cost": {"en": ["How much would {n} people pay for the cheapest flight from {origin} to {destination} on {date}?",
+                      "Cheapest {origin} to {destination} flight on {date}: total for {n} people?",
+                      "We are {n} people flying {origin} to {destination} on {date}. Cheapest total?",
+                      "Find the cheapest flight from {origin} to {destination} on {date} and give the total for {n}.",
+                      "Total cost for {n} on the cheapest {date} flight from {origin} to {destination}?",
+                      "What's the lowest total fare for {n} people, {origin} to {destination}, {date}?"],
+               "zh": ["我们 {n} 个人 {date} 从 {origin} 飞 {destination}，最便宜一共多少钱？", "{date} {origin} 到 {destination} 最便宜的航班，{n} 人总价？",
+                      "{n} 人坐 {date} 从 {origin} 到 {destination} 最便宜的那班，总共多少钱？", "查 {date} {origin} 飞 {destination} 最便宜的航班，算 {n} 个人的总价。",
+                      "{origin} 到 {destination}，{date}，最便宜的航班 {n} 个人要花多少？", "{date} {n} 个人从 {origin} 去 {destination}，最便宜航班的总价是多少？"]},
+ "total": {"en": ["{a} {u1} plus {b} {u2} is how many {u2}?", "Combine {a} {u1} and {b} {u2}; give the total in {u2}.",
+                  "What's the total of {a} {u1} and {b} {u2} in {u2}?", "Add up {a} {u1} and {b} {u2}, in {u2}.",
+                  "How much is {a} {u1} together with {b} {u2}, expressed in {u2}?", "Total {a} {u1} and {b} {u2} in {u2}, please."],
+           "zh": ["{a} {u1} 和 {b} {u2} 加起来是多少 {u2}？", "把 {a} {u1} 跟 {b} {u2} 合起来，用 {u2} 表示。", "{a} {u1} 加 {b} {u2} 共几 {u2}？",
+                  "{a} {u1} 与 {b} {u2} 的总和是多少 {u2}？", "算一下 {a} {u1} 加 {b} {u2} 等于多少 {u2}。", "{a} {u1} 再加 {b} {u2}，一共多少 {u2}？"]},
+ "weather_pair": {"en": ["Weather in both {city} and {city2} on {date}?", "On {date}, what's it like in {city} and {city2}?",
+                         "Check the weather for {city} and {city2} on {date}.", "How's the weather on {date} in {city} versus {city2}?",
+                         "Give me {date}'s weather for {city} and for {city2}.", "Is the weather better in {city} or {city2} on {date}?"],
+                  "zh": ["{date} {city} 和 {city2} 天气分别怎样？", "{city} 与 {city2} 在 {date} 的天气如何？", "看看 {date} {city}、{city2} 两地的天气。",
+                         "{date} 的 {city} 和 {city2} 哪里天气好？", "告诉我 {date} {city} 和 {city2} 的天气。", "{city} 和 {city2}，{date}，天气怎么样？"]},
+ "price_pair": {"en": ["What are the prices of {sku} and {sku2}?", "Price check: {sku} and {sku2}.", "Tell me what {sku} and {sku2} cost.",
+                       "{sku} and {sku2}: how much each?", "Look up the prices of {sku} and {sku2}.", "How much do {sku} and {sku2} cost?"],
+                "zh": ["{sku} 和 {sku2} 多少钱？", "查一下 {sku}、{sku2} 的价格。", "{sku} 跟 {sku2} 分别什么价？",
+                       "告诉我 {sku} 和 {sku2} 的价格。", "{sku} 与 {sku2} 各卖多少钱？", "{sku}、{sku2} 两个商品的价格是多少？"]},
+ "weather_more": {"en": ["And {city2}?", "Same for {city2}?", "How about in {city2}?", "And the weather in {city2}?", "What's it like in {city2}?"],
+                  "zh": ["{city2} 的呢？", "{city2} 怎么样？", "那 {city2} 的天气呢？", "换成 {city2} 呢？", "也查查 {city2}。"]},
+ "calc_more": {"en": ["Multiply it by {c}.", "Then times {c}.", "What if I multiply by {c}?", "Now times {c}, please.", "And multiplied by {c}?"],
+               "zh": ["乘以 {c} 呢？", "再乘 {c} 是多少？", "把它乘以 {c}。", "接着乘 {c}。", "那乘上 {c} 呢？"]},
+ "stock_more": {"en": ["Is it available?", "Do you have any?", "Is there stock?", "Can I get it now?", "Is it in the shop right now?"],
+                "zh": ["还有吗？", "现在能买吗？", "有没有库存？", "店里有吗？", "还能买到吗？"]},
+}
+for _kind, _langs in _MORE_TRAIN.items():
+    for _lang, _extra in _langs.items():
+        PHRASES[_kind][_lang]["train"] += _extra
+
 # Final-answer sentences, shared by both splits (see the module docstring).
 ANSWERS: dict[str, dict[str, str]] = {
     "greet": {"en": "Hello! I can check weather, flights, groceries, dates, units and arithmetic. What do you need?",
@@ -732,7 +808,7 @@ def failed_episodes(episodes: list[Episode], n: int, seed: int) -> list[tuple[Ep
     # A wrong tool needs a distractor on offer; with distractors=0 there is none.
     kinds = [f for f in FAILURES
              if f != "wrong_tool" or any(len(episodes[i].tools) > len(episodes[i].needs) for i in candidates)]
-    out = []
+    out, used = [], set()  # one attempt per (episode, failure): two alike would be duplicate records
     attempts = 0
     while len(out) < n:
         attempts += 1
@@ -743,8 +819,10 @@ def failed_episodes(episodes: list[Episode], n: int, seed: int) -> list[tuple[Ep
         ep = episodes[i]
         others = [j for j in by_task[ep.task]
                   if episodes[j].lang == ep.lang and episodes[j].turns[-1].answer != ep.turns[-1].answer]
-        if (failure == "wrong_tool" and len(ep.needs) >= len(ep.tools)) or (failure == "wrong_answer" and not others):
+        if ((i, failure) in used or (failure == "wrong_tool" and len(ep.needs) >= len(ep.tools))
+                or (failure == "wrong_answer" and not others)):
             continue
+        used.add((i, failure))
         out.append((fail(ep, failure, ctx, episodes[ctx.pick(others)] if others else ep), failure, i))
     return out
 
