@@ -132,6 +132,24 @@ def test_loss_scale_hermes_doubles_tool_calls(tiny_tokenizer):
     assert weight_of(enc, tiny_tokenizer, OBSERVATION) == {0.0}
 
 
+def test_first_token_weight_scales_the_first_token_of_each_assistant_turn(tiny_tokenizer):
+    conv = agent_conv()
+    plain = encode(conv, tiny_tokenizer, QWEN, sup(loss_scale="hermes"))
+    enc = encode(conv, tiny_tokenizer, QWEN, sup(loss_scale="hermes", first_token_weight=3.0))
+    assert enc.input_ids == plain.input_ids and enc.labels == plain.labels
+    changed = [i for i, (a, b) in enumerate(zip(plain.weights, enc.weights)) if a != b]
+    assert len(changed) == 3  # one per assistant message: greeting, call, answer
+    for i in changed:
+        assert enc.weights[i] == 3.0 * plain.weights[i] and plain.weights[i - 1] == 0.0  # right after the header
+    firsts = [tiny_tokenizer.decode([enc.input_ids[i]]) for i in changed]
+    assert "Hi, ask me about weather.".startswith(firsts[0]) and "It is 18".startswith(firsts[2])
+    # A message masked out (train_on=last_assistant) has no trained first token to scale.
+    last = encode(conv, tiny_tokenizer, QWEN, sup(train_on="last_assistant", first_token_weight=3.0))
+    assert sum(w > 1.0 for w in last.weights) == 2
+    with pytest.raises(ValueError, match="first_token_weight"):
+        sup(first_token_weight=0)
+
+
 def test_loss_scale_react(tiny_tokenizer):
     enc = encode(ms_agent_conv(), tiny_tokenizer, REACT, sup(loss_scale="react"))
     r = runs(enc, tiny_tokenizer)

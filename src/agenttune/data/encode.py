@@ -119,6 +119,31 @@ def token_weights(offsets: np.ndarray, seg_ends: np.ndarray, seg_weights: np.nda
     return weights
 
 
+def turn_start_chars(segments: list[Segment], seg_weights: list[float]) -> list[int]:
+    """Char position where each assistant message's trained text begins (after its header)."""
+    starts, seen, pos = [], set(), 0
+    for seg, w in zip(segments, seg_weights):
+        if seg.role == "assistant" and seg.kind not in (HEADER, "observation") and w > 0 and seg.msg_index not in seen:
+            seen.add(seg.msg_index)
+            starts.append(pos)
+        pos += len(seg.text)
+    return starts
+
+
+def supervised_weights(offsets: np.ndarray, segments: list[Segment], seg_weights: list[float],
+                       sup: SupervisionConfig) -> np.ndarray:
+    """Per-token weights of a rendered conversation: :func:`token_weights`, then the first
+    token of each assistant turn scaled by ``sup.first_token_weight``."""
+    weights = token_weights(offsets, *_segment_arrays(segments, seg_weights))
+    if sup.first_token_weight != 1.0 and len(offsets):
+        ends = offsets[:, 1]
+        for char in turn_start_chars(segments, seg_weights):
+            t = int(np.searchsorted(ends, char, side="right"))  # the first token that ends past it
+            if t < len(weights) and weights[t] > 0:
+                weights[t] *= sup.first_token_weight
+    return weights
+
+
 def _tokenize(tokenizer, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("encode needs a fast (Rust) tokenizer for character offsets; "
@@ -169,8 +194,7 @@ def _too_long(conv: Conversation, n_tokens: int, sup: SupervisionConfig) -> Data
 
 
 def _finish(conv, segments, seg_weights, ids, offsets, tokenizer, template, sup) -> Encoded:
-    ends, w = _segment_arrays(segments, seg_weights)
-    weights = token_weights(offsets, ends, w)
+    weights = supervised_weights(offsets, segments, seg_weights, sup)
     if len(ids) > sup.max_length:
         if sup.truncation == "drop":
             raise _too_long(conv, len(ids), sup)
@@ -243,7 +267,7 @@ def _keep_turns(conv: Conversation, segments: list[Segment], offsets: np.ndarray
         [(ids, p_offsets)] = _tokenize(tokenizer, ["".join(s.text for s in p_segments)])
         if len(ids) > sup.max_length:
             continue
-        weights = token_weights(p_offsets, *_segment_arrays(p_segments, p_weights))
+        weights = supervised_weights(p_offsets, p_segments, p_weights, sup)
         if (weights > 0).any():
             return _build(ids, weights, conv.source, truncated=True)
     raise _too_long(conv, len(offsets), sup)

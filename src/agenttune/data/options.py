@@ -28,6 +28,10 @@ class SupervisionConfig:
     loss_scale: str = "default"
     """default: 1.0 on trained tokens; react: Action/Action Input and the Observation: marker 2.0,
     Thought/Final Answer 1.0; hermes: <tool_call>...</tool_call> 2.0."""
+    first_token_weight: float = 1.0
+    """Multiplies the weight of the first trained token of each assistant turn. In tool-call
+    templates (hermes, qwen, llama3) that token decides between calling a tool and answering;
+    above 1 it puts more of the loss on that decision (ReAct turns start with ``Thought``)."""
     observation_weight: float = 0.0
     """Weight of tool-result tokens. 0 means never trained."""
     reasoning_in_history: bool = True
@@ -41,6 +45,8 @@ class SupervisionConfig:
         _check("train_on", self.train_on, TRAIN_ON)
         _check("loss_scale", self.loss_scale, LOSS_SCALES)
         _check("truncation", self.truncation, TRUNCATION)
+        if self.first_token_weight <= 0:
+            raise ValueError(f"first_token_weight must be > 0, got {self.first_token_weight}")
         if self.observation_weight < 0:
             raise ValueError(f"observation_weight must be >= 0, got {self.observation_weight}")
         if self.max_length < 8:

@@ -373,9 +373,33 @@ _MORE_TRAIN: dict[str, dict[str, list[str]]] = {
  "stock_more": {"en": ["Is it available?", "Do you have any?", "Is there stock?", "Can I get it now?", "Is it in the shop right now?"],
                 "zh": ["还有吗？", "现在能买吗？", "有没有库存？", "店里有吗？", "还能买到吗？"]},
 }
+# Requests no demo tool serves. Many of them name a city or a date, as weather and flight
+# requests do, so the entities alone never decide that a tool is needed.
+_MORE_TRAIN["cannot"] = {
+    "en": ["Play some jazz for me.", "Call a plumber in {city}.", "What's the population of {city}?",
+           "Write a poem about {city}.", "Remind me to pay rent on {date}.", "Who won the match in {city} on {date}?",
+           "Find me a dentist in {city}.", "Book a train from {city} on {date}.", "Tell me a joke.",
+           "Cancel my gym membership.", "What movies are on in {city} on {date}?", "Order a pizza to my hotel in {city}."],
+    "zh": ["给我放一首爵士乐。", "帮我叫一个 {city} 的水管工。", "{city} 有多少人口？", "写一首关于 {city} 的诗。",
+           "提醒我 {date} 交房租。", "{date} 在 {city} 的比赛谁赢了？", "帮我找一个 {city} 的牙医。", "帮我订一张 {date} 从 {city} 出发的火车票。",
+           "给我讲个笑话。", "帮我取消健身房会员。", "{date} {city} 有什么电影上映？", "帮我点一份送到 {city} 酒店的披萨。"],
+}
 for _kind, _langs in _MORE_TRAIN.items():
     for _lang, _extra in _langs.items():
         PHRASES[_kind][_lang]["train"] += _extra
+
+# Greetings and questions about the assistant need no tool, yet a model that saw a few of them
+# calls a tool on a new one. Training greetings are a salutation and/or a question about the
+# assistant, composed; the held-out phrasings are not among them.
+_SALUTE = {"en": ("", "Hi!", "Hello!", "Hey there.", "Good morning!", "Good evening.", "Hi, nice to meet you."),
+           "zh": ("", "你好！", "嗨！", "您好。", "早上好！", "晚上好。", "你好，很高兴认识你。")}
+_ASK = {"en": ("", "What can you do?", "Who are you?", "What are you able to help with?", "What tools do you have?",
+               "What kind of questions can you answer?", "What are you good at?", "Can you tell me about yourself?"),
+        "zh": ("", "你能做什么？", "你是谁？", "你能帮我什么忙？", "你有哪些工具？", "你能回答哪些问题？", "你擅长什么？", "介绍一下你自己吧。")}
+for _lang in LANGS:
+    _sep = " " if _lang == "en" else ""
+    _greetings = [f"{a}{_sep}{b}".strip() for a in _SALUTE[_lang] for b in _ASK[_lang] if a or b]
+    PHRASES["greet"][_lang]["train"] = [g for g in _greetings if g not in PHRASES["greet"][_lang]["heldout"]]
 
 # Final-answer sentences, shared by both splits (see the module docstring).
 ANSWERS: dict[str, dict[str, str]] = {
@@ -683,7 +707,7 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "greet": Task(task_greet, 2), "cannot": Task(task_cannot, 5),
+    "greet": Task(task_greet, 4), "cannot": Task(task_cannot, 6),
     "calc": Task(task_calc, 8), "convert": Task(task_convert, 7), "weather": Task(task_weather, 8),
     "days": Task(task_days, 6), "aisle": Task(task_aisle, 5), "flights": Task(task_flights, 6),
     "price": Task(task_price, 8), "temp_f": Task(task_temp_f, 6), "trip_cost": Task(task_trip_cost, 6),
