@@ -50,7 +50,9 @@ def test_shortened_demo_learns_tool_use_on_held_out_tasks(tmp_path):
     assert len(names) >= steps / 3 and set(names) <= set(TOOLS_BY_NAME), names
     assert after["tool_name_accuracy"] > 0.0, after
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
-    assert evals[-1]["eval/loss_agent"] < 0.6  # 0.42 measured at step 12; the base starts near 1.4
+    # The demo weighs each turn's first token 4x (first_token_weight), so its losses sit higher than
+    # unweighted ones: the first logged steps of the full demo read 1.1 (step 2), 0.49 (step 12).
+    assert evals[-1]["eval/loss_agent"] < 0.8
 
 
 def test_demo_tokenizer_gives_held_out_names_the_same_kind_of_pieces():
