@@ -95,6 +95,28 @@ def test_glaive_calls_trained_observations_not(name, tiny_tokenizer):
     assert n_calls > 100
 
 
+@pytest.mark.parametrize("name", ["glaive_toolcall_en_demo.json", "glaive_toolcall_zh_demo.json"])
+def test_glaive_tools_render_alike_in_python_and_jinja(name, tiny_tokenizer):
+    """chatml_compact turns each JSON schema into a signature; other people's schemas (nested
+    objects, arrays, enums, missing types) must come out the same from both renderers."""
+    from agenttune.data.templates import to_hf_messages
+
+    template = get_template("chatml_compact")
+    convs, _ = read_all(CORPORA / "llamafactory" / name)
+    seen = set()
+    for conv in convs:
+        key = repr(conv.tools)
+        if not conv.tools or key in seen:
+            continue
+        seen.add(key)
+        head = Conversation(conv.messages[:1], tools=conv.tools, origin=conv.origin)
+        messages, tools = to_hf_messages(head)
+        expected = tiny_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      chat_template=template.chat_template)
+        assert template.render_text(head) == expected, conv.origin
+    assert len(seen) > 50
+
+
 def test_identity_placeholders_filled():
     convs, errors = read_all(CORPORA / "llamafactory" / "identity.json")
     assert not errors and len(convs) == 91

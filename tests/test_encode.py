@@ -132,6 +132,40 @@ def test_loss_scale_hermes_doubles_tool_calls(tiny_tokenizer):
     assert weight_of(enc, tiny_tokenizer, OBSERVATION) == {0.0}
 
 
+@pytest.mark.parametrize("template", ["qwen", "chatml_compact", "react"])
+def test_after_call_weight_scales_the_token_that_follows_each_call(tiny_tokenizer, template):
+    """Two parallel calls: after the first comes the second (\n<tool_call>), after the second the
+    end of the turn. In react one Action per step, followed by the Observation: marker."""
+    from agenttune.data.templates import get_template
+
+    conv = Conversation([
+        Message("user", "Weather in Paris and Rome?"),
+        Message("assistant", "", tool_calls=[call("get_weather", city="Paris"), call("get_weather", city="Rome")]),
+        Message("tool", OBSERVATION), Message("tool", OBSERVATION),
+        Message("assistant", "Both rainy."),
+    ], tools=[{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        origin="t.jsonl:1")
+    tpl = get_template(template)
+    plain = encode(conv, tiny_tokenizer, tpl, sup())
+    enc = encode(conv, tiny_tokenizer, tpl, sup(after_call_weight=3.0))
+    assert enc.input_ids == plain.input_ids and enc.labels == plain.labels
+    changed = [i for i, (a, b) in enumerate(zip(plain.weights, enc.weights)) if a != b]
+    assert all(enc.weights[i] == 3.0 * plain.weights[i] > 0 for i in changed)
+    # the token before each changed one closes a call
+    closing = [tiny_tokenizer.decode(enc.input_ids[max(0, i - 3):i]) for i in changed]
+    if template == "react":
+        # react writes parallel calls as two Action / Action Input pairs, then the Observation: markers
+        assert len(changed) == 2 and all(c.endswith("}\n") for c in closing), closing
+        following = [tiny_tokenizer.decode(enc.input_ids[i:i + 3]) for i in changed]
+        assert following[0].startswith("Action") and following[1].startswith("Obs"), following
+    else:
+        assert len(changed) == 2 and all("</tool_call>" in c or "call>" in c for c in closing), closing
+        following = [tiny_tokenizer.decode(enc.input_ids[i:i + 6]) for i in changed]
+        assert following[0].startswith("\n<tool_call>") and following[1].startswith("<|im_end|>"), following
+    with pytest.raises(ValueError, match="after_call_weight"):
+        sup(after_call_weight=0)
+
+
 def test_first_token_weight_scales_the_first_token_of_each_assistant_turn(tiny_tokenizer):
     conv = agent_conv()
     plain = encode(conv, tiny_tokenizer, QWEN, sup(loss_scale="hermes"))

@@ -191,6 +191,46 @@ def test_chat_template_survives_save_and_load(tiny_tokenizer, tmp_path):
         assert reloaded.apply_chat_template(messages, tools=tools, tokenize=False) == template.render_text(tool_conv())
 
 
+# ----------------------------------------------------------------------------- chatml_compact
+
+ORDER = {
+    "name": "place_order",
+    "description": "Order groceries",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"type": "object", "properties": {
+                "sku": {"type": "string"}, "qty": {"type": "integer"}}, "required": ["sku"]}},
+            "when": {"type": "string", "format": "date", "description": "delivery day"},
+            "sizes": {"type": "array", "items": {"enum": ["S", "M"]}},
+            "note": {"type": ["string", "null"]},
+            "extra": {},
+        },
+        "required": ["items"],
+    },
+}
+PING = {"name": "ping", "parameters": {"type": "object", "properties": {}}}
+
+
+def test_compact_listing_keeps_what_the_schema_says(tiny_tokenizer):
+    conv = Conversation([Message("user", "Order two apples")], tools=[ORDER, PING, WEATHER], origin="o.jsonl:1")
+    text = TEMPLATES["chatml_compact"].render_text(conv, add_generation_prompt=True)
+    assert text.split("Functions:\n", 1)[1].split("<|im_end|>")[0] == (
+        "// Order groceries\n"
+        "// when: delivery day (date)\n"
+        "place_order(items: {sku: string, qty?: integer}[], when?: string, sizes?: (\"S\" | \"M\")[], "
+        "note?: string | null, extra?: any)\n"
+        "ping()\n"
+        "// Get the current weather of a city\n"
+        "// city: city name\n"
+        'get_weather(city: string, unit?: "celsius" | "fahrenheit")'
+    )
+    assert text == hf_render(tiny_tokenizer, TEMPLATES["chatml_compact"].chat_template, conv, add_generation_prompt=True)
+    # the same conversation costs fewer tokens than with JSON schemas, and calls look the same
+    json_text = TEMPLATES["chatml"].render_text(conv, add_generation_prompt=True)
+    assert len(tiny_tokenizer(text)["input_ids"]) < 0.7 * len(tiny_tokenizer(json_text)["input_ids"])
+
+
 # ----------------------------------------------------------------------------- react
 
 # FORMATS.md §1, the ms-agent demo record, written out by hand.

@@ -130,17 +130,39 @@ def turn_start_chars(segments: list[Segment], seg_weights: list[float]) -> list[
     return starts
 
 
+CALL_KINDS = ("tool_call", "action_input")
+"""Segment kinds that end a tool call: a Hermes/Llama call, or ReAct's Action Input."""
+
+
+def after_call_chars(segments: list[Segment], seg_weights: list[float]) -> list[int]:
+    """Char position right after each trained tool call of an assistant message, where the text
+    that follows is still that message's (another call, or the end of the turn)."""
+    ends, pos = [], 0
+    for k, (seg, w) in enumerate(zip(segments, seg_weights)):
+        pos += len(seg.text)
+        if seg.role == "assistant" and seg.kind in CALL_KINDS and w > 0:
+            after = segments[k + 1] if k + 1 < len(segments) else None
+            if after is not None and after.msg_index == seg.msg_index and after.kind != HEADER:
+                ends.append(pos)
+    return ends
+
+
 def supervised_weights(offsets: np.ndarray, segments: list[Segment], seg_weights: list[float],
                        sup: SupervisionConfig) -> np.ndarray:
     """Per-token weights of a rendered conversation: :func:`token_weights`, then the first
-    token of each assistant turn scaled by ``sup.first_token_weight``."""
+    token of each assistant turn scaled by ``sup.first_token_weight`` and the first token after
+    each tool call by ``sup.after_call_weight``."""
     weights = token_weights(offsets, *_segment_arrays(segments, seg_weights))
-    if sup.first_token_weight != 1.0 and len(offsets):
-        ends = offsets[:, 1]
-        for char in turn_start_chars(segments, seg_weights):
+    if not len(offsets):
+        return weights
+    ends = offsets[:, 1]
+    for factor, chars in ((sup.first_token_weight, turn_start_chars), (sup.after_call_weight, after_call_chars)):
+        if factor == 1.0:
+            continue
+        for char in chars(segments, seg_weights):
             t = int(np.searchsorted(ends, char, side="right"))  # the first token that ends past it
             if t < len(weights) and weights[t] > 0:
-                weights[t] *= sup.first_token_weight
+                weights[t] *= factor
     return weights
 
 

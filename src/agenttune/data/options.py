@@ -32,6 +32,10 @@ class SupervisionConfig:
     """Multiplies the weight of the first trained token of each assistant turn. In tool-call
     templates (hermes, qwen, llama3) that token decides between calling a tool and answering;
     above 1 it puts more of the loss on that decision (ReAct turns start with ``Thought``)."""
+    after_call_weight: float = 1.0
+    """Multiplies the weight of the first trained token after each tool call of an assistant
+    turn. In the Hermes templates (qwen, chatml, chatml_compact) it decides between another
+    parallel call (``\n<tool_call>``) and ending the turn; in react it is the ``Observation:`` marker."""
     observation_weight: float = 0.0
     """Weight of tool-result tokens. 0 means never trained."""
     reasoning_in_history: bool = True
@@ -45,8 +49,9 @@ class SupervisionConfig:
         _check("train_on", self.train_on, TRAIN_ON)
         _check("loss_scale", self.loss_scale, LOSS_SCALES)
         _check("truncation", self.truncation, TRUNCATION)
-        if self.first_token_weight <= 0:
-            raise ValueError(f"first_token_weight must be > 0, got {self.first_token_weight}")
+        for name in ("first_token_weight", "after_call_weight"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.observation_weight < 0:
             raise ValueError(f"observation_weight must be >= 0, got {self.observation_weight}")
         if self.max_length < 8:

@@ -115,7 +115,8 @@ def parse_react(text: str) -> Reply:
         return Reply(content="", error=str(err), text=text)
 
 
-PARSERS = {"qwen": parse_hermes, "chatml": parse_hermes, "llama3": parse_llama3, "react": parse_react}
+PARSERS = {"qwen": parse_hermes, "chatml": parse_hermes, "chatml_compact": parse_hermes, "llama3": parse_llama3,
+           "react": parse_react}
 
 
 def parse_reply(template: str, text: str) -> Reply:
