@@ -210,10 +210,11 @@ ORDER = {
     },
 }
 PING = {"name": "ping", "parameters": {"type": "object", "properties": {}}}
+ODD = {"name": "odd", "parameters": {"type": "object", "properties": ["a", "b"]}}  # malformed: no parameters shown
 
 
 def test_compact_listing_keeps_what_the_schema_says(tiny_tokenizer):
-    conv = Conversation([Message("user", "Order two apples")], tools=[ORDER, PING, WEATHER], origin="o.jsonl:1")
+    conv = Conversation([Message("user", "Order two apples")], tools=[ORDER, PING, ODD, WEATHER], origin="o.jsonl:1")
     text = TEMPLATES["chatml_compact"].render_text(conv, add_generation_prompt=True)
     assert text.split("Functions:\n", 1)[1].split("<|im_end|>")[0] == (
         "// Order groceries\n"
@@ -221,6 +222,7 @@ def test_compact_listing_keeps_what_the_schema_says(tiny_tokenizer):
         "place_order(items: {sku: string, qty?: integer}[], when?: string, sizes?: (\"S\" | \"M\")[], "
         "note?: string | null, extra?: any)\n"
         "ping()\n"
+        "odd()\n"
         "// Get the current weather of a city\n"
         "// city: city name\n"
         'get_weather(city: string, unit?: "celsius" | "fahrenheit")'

@@ -710,7 +710,7 @@ def _ts_type(schema) -> str:
     if kind == "array":
         inner = _ts_type(schema["items"]) if "items" in schema else "any"
         return ("(" + inner + ")" if " | " in inner else inner) + "[]"
-    if kind == "object" and "properties" in schema:
+    if kind == "object" and isinstance(schema.get("properties"), dict):
         return "{" + _ts_fields(schema) + "}"
     return "any" if kind is None else str(kind)
 
@@ -732,8 +732,9 @@ def _compact_listing(tools: list[dict]) -> str:
         fn = tool["function"]
         if fn.get("description"):
             lines.append(f"// {fn['description']}")
-        params = fn.get("parameters") or {}
-        properties = params.get("properties") or {}
+        params = fn.get("parameters")
+        properties = params.get("properties") if isinstance(params, dict) else None
+        properties = properties if isinstance(properties, dict) else {}  # a malformed schema lists no parameters
         for key, value in properties.items():
             if isinstance(value, dict) and (value.get("description") or value.get("format")):
                 note = value.get("description") or ""
@@ -814,7 +815,7 @@ _COMPACT_LISTING_JINJA = r"""        {%- macro ts_fields(schema) -%}
             {%- elif schema.type == 'array' -%}
                 {%- set inner = ts_type(schema['items']) if schema['items'] is defined else 'any' -%}
                 {{- ('(' ~ inner ~ ')' if ' | ' in inner else inner) ~ '[]' -}}
-            {%- elif schema.type == 'object' and schema.properties is defined -%}
+            {%- elif schema.type == 'object' and schema.properties is mapping -%}
                 {{- '{' ~ ts_fields(schema) ~ '}' -}}
             {%- elif schema.type is defined and schema.type is not none -%}
                 {{- schema.type -}}
@@ -828,8 +829,8 @@ _COMPACT_LISTING_JINJA = r"""        {%- macro ts_fields(schema) -%}
             {%- if fn.description %}
                 {{- '\n// ' ~ fn.description }}
             {%- endif %}
-            {%- set params = fn.parameters or {} %}
-            {%- set properties = params.properties or {} %}
+            {%- set params = fn.parameters %}
+            {%- set properties = params.properties if params is mapping and params.properties is mapping else {} %}
             {%- for key, value in properties.items() %}
                 {%- if value is mapping and (value.description or value.format) %}
                     {%- set note = value.description or '' %}
