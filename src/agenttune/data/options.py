@@ -35,7 +35,7 @@ class SupervisionConfig:
     after_call_weight: float = 1.0
     """Multiplies the weight of the first trained token after each tool call of an assistant
     turn. In the Hermes templates (qwen, chatml, chatml_compact) it decides between another
-    parallel call (``\n<tool_call>``) and ending the turn; in react it is the ``Observation:`` marker."""
+    parallel call (``\\n<tool_call>``) and ending the turn; in react it is the ``Observation:`` marker."""
     observation_weight: float = 0.0
     """Weight of tool-result tokens. 0 means never trained."""
     reasoning_in_history: bool = True
