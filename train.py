@@ -4,6 +4,7 @@
     accelerate launch train.py model=qwen7b tuner=lora hardware=8gpu
     python train.py output_dir=runs/a train.max_steps=50 loss.lambda_agent=0.5
     python train.py output_dir=runs/a resume=auto                 # continue after a crash
+    python train.py train.max_minutes=45 train.max_steps=5000     # a time budget: the schedule fits the steps it holds
     python train.py train.packing=true train.max_tokens_per_batch=8192   # padding-free packed micro-batches
     sbatch launch/slurm_1node.sbatch output_dir=runs/a            # Slurm; SIGUSR1 -> checkpoint, exit 85, requeue
 
@@ -30,6 +31,7 @@ from agenttune.config import Config, to_config
 from agenttune.data.pipeline import build_datasets
 from agenttune.modeling import build_model, build_tokenizer, count_parameters
 from agenttune.training import (
+    TimeBudget,
     TrainState,
     build_accelerator,
     build_optimizer,
@@ -56,6 +58,7 @@ from agenttune.training import (
 )
 
 log = get_logger("train")  # logs on rank 0 only
+clock = time.monotonic  # train.max_minutes' clock (tests script it)
 
 
 def train(cfg: Config) -> TrainState:
@@ -77,6 +80,7 @@ def train(cfg: Config) -> TrainState:
     total_steps = cfg.train.total_steps(len(data.train))
     optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps, world)
+    schedule = scheduler.lr_lambdas[0] if cfg.train.max_minutes else None  # a ProgressSchedule: the loop moves it
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     set_seed(cfg.train.seed, device_specific=True)  # now per-rank: dropout differs across ranks
 
@@ -104,9 +108,11 @@ def train(cfg: Config) -> TrainState:
         state.wandb_run_id = run.id if run is not None else None
 
     # ---------------------------------------------------------------- loop
+    budget = TimeBudget(accelerator, cfg.train.max_minutes, state.train_seconds, clock) if cfg.train.max_minutes else None
     bar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     model.train()
-    while state.step < total_steps:
+    last = state.step >= total_steps or (budget is not None and state.train_seconds >= budget.limit_s)
+    while not last:
         t0 = time.perf_counter()
         batches = micro_batches(data.train, state.step, cfg.train, rank, world, tokenizer.pad_token_id)
         result = forward_backward(accelerator, model, batches, cfg.loss)
@@ -117,14 +123,23 @@ def train(cfg: Config) -> TrainState:
             optimizer.step()
         else:
             state.skipped_steps += 1
+        state.step += 1
+        last = state.step >= total_steps
+        if budget is not None:  # the schedule follows progress in steps or time, whichever is further
+            state.train_seconds = budget.update()
+            schedule.progress = max(state.step / total_steps, budget.progress)
+            if budget.exhausted() and not last:
+                last = True
+                if main:
+                    bar.write(f"train.max_minutes={cfg.train.max_minutes:g}: stopping after step {state.step} "
+                              f"of {total_steps}, {state.train_seconds / 60:.2f} min trained")
         scheduler.step()  # the schedule keys off `step`, skipped updates included
         optimizer.zero_grad(set_to_none=True)
-        state.step += 1
         state.samples_seen += cfg.train.global_batch_size
         state.trained_tokens += result.trained_tokens
         tokens_per_s = result.tokens / (time.perf_counter() - t0)
 
-        if main and (state.step % cfg.train.log_steps == 0 or state.step == total_steps):
+        if main and (state.step % cfg.train.log_steps == 0 or last):
             log_metrics(out / "metrics.jsonl", {
                 "step": state.step, "loss": result.loss, "loss_agent": result.loss_agent,
                 "loss_general": result.loss_general, "lr": lr, "grad_norm": grad_norm,
@@ -136,7 +151,7 @@ def train(cfg: Config) -> TrainState:
         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
 
         improved = False
-        if data.eval is not None and (state.step % cfg.train.eval_steps == 0 or state.step == total_steps):
+        if data.eval is not None and (state.step % cfg.train.eval_steps == 0 or last):
             scores = evaluate(accelerator, model, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, cfg.loss)
             improved = state.record_eval(scores["eval/loss"])
             if main:

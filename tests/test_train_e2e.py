@@ -5,7 +5,9 @@ optimizer's parameter groups."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import subprocess
 import sys
 
@@ -283,3 +285,48 @@ def test_early_stopping_keeps_the_best_checkpoint(monkeypatch, tmp_path):
     assert [p.name for p in training.checkpoint_dirs(tmp_path)] == ["step-2"]
     assert (tmp_path / "final").is_dir()
     assert [e["eval/loss"] for e in metrics(tmp_path)[1]] == [3.0, 2.0, 2.5, 2.1]
+
+
+def test_time_budget_stops_in_time_and_fits_the_schedule_to_it(monkeypatch, tmp_path):
+    """train.max_minutes with a scripted clock (one second a step): 0.1 min = 6 s holds 6 steps
+    of a 50-step limit; the cosine decay runs over those 6 steps, not over 50; the last step gets
+    the final evaluation; a resumed run whose budget is spent trains no further."""
+    ticks = itertools.count()
+
+    def one_second_a_call():
+        return float(next(ticks))
+
+    overrides = [f"output_dir={tmp_path}", "train.max_steps=50", "train.max_minutes=0.1", "train.warmup_ratio=0",
+                 "train.lr=1e-3", "train.eval_steps=1000", "train.save_steps=3"]
+    state, _ = train_in_process(overrides, monkeypatch, replace={"clock": one_second_a_call})
+    assert (state.step, state.train_seconds) == (6, 6.0)
+    train, evals = metrics(tmp_path)
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # progress k/6 at step k+1
+    assert [e["lr"] for e in train] == pytest.approx(expected)
+    assert [e["step"] for e in evals] == [6]
+    assert (tmp_path / "final").is_dir()
+    assert json.loads((tmp_path / "checkpoints" / "step-6" / "state.json").read_text())["state"]["train_seconds"] == 6.0
+
+    ticks = itertools.count()
+    resumed, _ = train_in_process(overrides + ["resume=auto"], monkeypatch, replace={"clock": one_second_a_call})
+    assert resumed.step == 6
+
+
+def test_time_budget_must_not_be_negative():
+    with pytest.raises(ConfigError, match="train.max_minutes"):
+        TrainConfig(max_minutes=-1)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("cosine", [0.0, 0.5, 1.0, 0.5, 0.0]),
+    ("linear", [0.0, 0.5, 1.0, 0.5, 0.0]),
+    ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0]),
+])
+def test_progress_schedule_shapes(kind, expected):
+    """Warm-up over the first 20% of progress, then the decay over the rest (cosine: 0.5 at the middle)."""
+    schedule = training.ProgressSchedule(kind, warmup_ratio=0.2)
+    values = []
+    for progress in (0.0, 0.1, 0.2, 0.6, 1.0):
+        schedule.progress = progress
+        values.append(schedule(12345))  # the tick count LambdaLR passes is ignored
+    assert values == pytest.approx(expected)

@@ -144,6 +144,12 @@ class TrainConfig:
     epochs: float = 2.0
     max_steps: int = -1
     """Optimizer steps to run. > 0 overrides epochs."""
+    max_minutes: float = 0.0
+    """A time budget: stop after the step at which one more would end past this many minutes of
+    training (the loop's wall clock, evaluations and saves included, summed over resumes), with
+    the final evaluation and save as at any last step. The learning rate then follows the run's
+    progress, max(step / step limit, time / budget), so warm-up and decay fit the steps that the
+    machine manages. 0: no budget. The step limit (max_steps or epochs) still applies."""
     micro_batch_size: int = 2
     """Samples per forward pass on one process."""
     global_batch_size: int = 32
@@ -186,6 +192,7 @@ class TrainConfig:
         _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", f"must be -1 or > 0, got {self.max_steps}")
         _require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                  f"{self.global_batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}")
+        _require(self.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0: no time budget), got {self.max_minutes}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",

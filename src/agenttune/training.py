@@ -633,12 +633,65 @@ def build_scheduler(optimizer, train: TrainConfig, total_steps: int, num_process
     lengths are counted in those ticks."""
     from transformers import get_scheduler
 
+    if train.max_minutes > 0:  # the schedule follows progress, not a step count fixed in advance
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, ProgressSchedule(train.scheduler, train.warmup_ratio))
     return get_scheduler(
         train.scheduler,
         optimizer,
         num_warmup_steps=train.warmup_steps(total_steps) * num_processes,
         num_training_steps=total_steps * num_processes,
     )
+
+
+class ProgressSchedule:
+    """The LR multiplier as a function of the run's progress p in [0, 1] (warm-up over the first
+    warmup_ratio of it, then cosine, linear or constant), for runs with a time budget: the loop sets
+    ``progress`` to max(steps done / step limit, time trained / budget) before each scheduler tick,
+    so warm-up and decay fit however many steps the budget turns out to hold. A callable object,
+    not a function: LambdaLR's state_dict then saves (and a resumed run restores) ``progress``;
+    how many times a prepared scheduler ticks per step does not matter."""
+
+    def __init__(self, kind: str, warmup_ratio: float):
+        self.kind, self.warmup_ratio, self.progress = kind, warmup_ratio, 0.0
+
+    def __call__(self, _tick: int) -> float:
+        p = min(max(self.progress, 0.0), 1.0)
+        if p < self.warmup_ratio:
+            return p / self.warmup_ratio
+        if self.kind == "constant_with_warmup":
+            return 1.0
+        decayed = (p - self.warmup_ratio) / (1.0 - self.warmup_ratio)
+        if self.kind == "linear":
+            return 1.0 - decayed
+        return 0.5 * (1.0 + math.cos(math.pi * decayed))  # cosine
+
+
+class TimeBudget:
+    """train.max_minutes: how long the loop has trained (wall clock, evaluations and saves
+    included, earlier runs of a resumed one too) and whether one more step still fits.
+
+    Every rank must stop at the same step and use the same learning rate, so ``update`` takes the
+    largest elapsed time over the ranks (one small all-gather a step)."""
+
+    def __init__(self, accelerator, minutes: float, spent_s: float, clock=time.monotonic):
+        self.accelerator, self.limit_s, self.spent_s, self.clock = accelerator, minutes * 60.0, spent_s, clock
+        self.start, self.steps, self.elapsed_s = clock(), 0, spent_s
+
+    def update(self) -> float:
+        """Seconds trained so far, agreed over the ranks; call once after each optimizer step."""
+        self.steps += 1
+        local = torch.tensor([self.spent_s + self.clock() - self.start], device=self.accelerator.device)
+        self.elapsed_s = float(self.accelerator.gather(local).max())
+        return self.elapsed_s
+
+    @property
+    def progress(self) -> float:
+        return self.elapsed_s / self.limit_s
+
+    def exhausted(self) -> bool:
+        """True when another step of this run's mean length would end past the budget."""
+        mean_step = (self.elapsed_s - self.spent_s) / max(self.steps, 1)
+        return self.elapsed_s + mean_step > self.limit_s
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -658,6 +711,7 @@ class TrainState:
     evals_since_best: int = 0
     world_size: int = 1
     wandb_run_id: str | None = None
+    train_seconds: float = 0.0  # wall clock of the loop so far, over all runs of a resumed one
 
     def record_eval(self, eval_loss: float) -> bool:
         """Note an eval result; True when it is the best so far."""
