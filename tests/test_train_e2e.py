@@ -197,8 +197,6 @@ def test_top_layers_adapts_only_the_last_layers_and_backward_stops_there():
     with pytest.raises(ConfigError, match=r"^tuner.top_layers: 3 is more than the model's 2 layers"):
         cfg = compose(FAST + ["tuner.top_layers=3"])
         build_model(cfg.model, cfg.tuner, cfg.hardware)
-    with pytest.raises(ConfigError, match=r"^tuner.top_layers: applies to adapter tuners"):
-        compose(FAST + ["tuner=full", "tuner.top_layers=1"])
 
 
 def test_full_tuner_freezes_the_named_parameters(tmp_path, monkeypatch):
@@ -216,6 +214,26 @@ def test_full_tuner_freezes_the_named_parameters(tmp_path, monkeypatch):
     assert moved and all(k.startswith("model.layers.") or k == "model.norm.weight" for k in moved), moved
     checkpoint = load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
     assert "model.embed_tokens.weight" not in checkpoint and checkpoint.keys() >= set(moved)
+
+
+def test_full_tuner_top_layers_trains_only_the_last_layers(tmp_path, monkeypatch):
+    """tuner=full with tuner.top_layers=1 (freeze tuning): the last decoder layer's full weights
+    train, and nothing else moves: not layer 0, the embeddings, the final norm or the head."""
+    from agenttune.tiny import tiny_model_dir
+
+    cfg = compose(FAST + ["tuner=full", "tuner.top_layers=1"])
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layer_1 = {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
+    assert trainable == layer_1 and len(layer_1) >= 9  # q k v o, gate up down, two norms (+ biases)
+    state, out = train_in_process(["tuner=full", "tuner.top_layers=1", f"output_dir={tmp_path}", *RUN], monkeypatch)
+    assert state.step == 2
+    base = load_file(tiny_model_dir() / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    moved = {k for k in base if not torch.equal(base[k], final[k])}
+    assert moved and all(k.startswith("model.layers.1.") for k in moved), moved
+    checkpoint = load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert set(checkpoint) == layer_1
 
 
 def test_tuner_freeze_errors_name_the_key():

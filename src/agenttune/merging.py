@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from agenttune.config import Config, ConfigError, ModelConfig, TunerConfig
 from agenttune.data.schema import Conversation, Message, ToolCall
 from agenttune.data.templates import Template
-from agenttune.modeling import load_kwargs, lora_config, quantization_config_nf4, resolve_model_path
+from agenttune.modeling import load_kwargs, lora_config, plain_gguf, quantization_config_nf4, resolve_model_path
 from agenttune.training import checkpoint_dirs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -150,6 +150,7 @@ def load_base(model_cfg: ModelConfig, dtype: torch.dtype, dequantize_nf4: bool, 
         kwargs["quantization_config"] = quantization_config_nf4()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        model = plain_gguf(model)
     except (OSError, ValueError) as e:
         raise MergeError(
             f"base model {path} ({source}) could not be loaded: {str(e).splitlines()[0]} "

@@ -52,6 +52,21 @@ def load_kwargs(model_cfg: ModelConfig) -> dict:
     return kwargs
 
 
+def plain_gguf(model):
+    """A model read from a GGUF whose every weight transformers de-quantized (the usual case: the
+    packed GGUF layers need the `kernels` package) is a plain dense model, but it keeps the GGUF
+    quantizer, and save_pretrained refuses it ("quantized with gguf and is not serializable"): a
+    full fine-tune or a merge could not be saved. Drop the quantizer and its config entry, so the
+    saved config.json loads as an ordinary model. Packed layers left in place keep both."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer" or getattr(quantizer, "packed_modules", None):
+        return model
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model
+
+
 def build_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -114,7 +129,7 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
         kwargs["quantization_config"] = quantization_config_nf4()
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.path), **kwargs)
+    model = plain_gguf(AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.path), **kwargs))
     model.config.use_cache = False  # the KV cache only costs memory in training
 
     if tuner.name == "qlora":
@@ -133,7 +148,9 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
             model.enable_input_require_grads()
 
     if not tuner.uses_adapter:
-        model.requires_grad_(True)
+        model.requires_grad_(not tuner.top_layers)
+        for index in adapted_layers(model, tuner.top_layers) or ():
+            decoder_layers(model)[index].requires_grad_(True)
         freeze_parameters(model, tuner.freeze)
         return model
 
@@ -156,6 +173,14 @@ def freeze_parameters(model: torch.nn.Module, prefixes) -> None:
     for name, param in model.named_parameters():
         if name.startswith(tuple(prefixes)):
             param.requires_grad_(False)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"tuner.top_layers: {type(model).__name__} keeps no list of decoder layers where "
+                          "transformers' Llama-style models do (model.layers); use tuner.freeze to name them")
+    return layers
 
 
 def adapted_layers(model: torch.nn.Module, top_layers: int) -> list[int] | None:
