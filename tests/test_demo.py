@@ -1,6 +1,6 @@
-"""The README's main job, shortened: experiment=demo LoRA-tunes SmolLM2-135M-Instruct on the
-synthetic world, and infer.py's predict mode scores held-out tasks (unseen phrasings and
-entities) with the adapter and, switched off, without it. The full-length figures are in
+"""The README's main job, shortened: experiment=demo tunes the last 12 layers of SmolLM2-135M-Instruct
+on the synthetic world, and infer.py's predict mode scores held-out tasks (unseen phrasings and
+entities) with the tuned model and with the base it started from. The full-length figures are in
 BENCHMARKS.md; here a few steps must already teach the tool-call format the base never uses."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_shortened_demo_learns_tool_use_on_held_out_tasks(tmp_path):
         rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
         agent = [r for r in rows if r["kind"] != "general"]
         calls[name] = [c["name"] for r in agent for c in r["prediction"]["tool_calls"]], len(agent)
-    # SmolLM2 never writes our <tool_call> blocks unprompted; 12 LoRA steps teach the format (they
+    # SmolLM2 never writes our <tool_call> blocks unprompted; 12 steps teach the format (they
     # over-call still: the full demo's figures are in BENCHMARKS.md).
     assert calls["predictions_base.jsonl"][0] == [] and before["tool_name_accuracy"] == 0.0, before
     names, steps = calls["predictions.jsonl"]

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from agenttune.data.readers import read_file
 from agenttune.data.templates import react_system_prompt
@@ -125,6 +127,39 @@ def test_predict_loads_a_checkpoint_and_compares_with_an_earlier_run(workspace):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["template"] == "react" and metrics["argument_exact_match"] == 1.0
     assert metrics["final_answer_exact_match"] == 1.0 and "change" in result.stdout
+
+
+def test_predict_baseline_of_a_full_fine_tune_loads_the_base_it_started_from(workspace):
+    out = workspace["root"] / "pred-full"
+    result = run_infer(workspace, ["mode=predict", f"adapter={workspace['react']}/final",
+                                   f"predict.input=[{workspace['data']}]", f"predict.output_dir={out}",
+                                   "predict.baseline=true", "generation.max_new_tokens=96"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((out / "metrics.json").read_text())
+    before = json.loads((out / "metrics_base.json").read_text())
+    assert after["argument_exact_match"] == 1.0 and after["final_answer_exact_match"] == 1.0
+    # the random tiny model the run started from, not the tuned weights again
+    assert before["argument_exact_match"] == 0.0 and before["final_answer_exact_match"] == 0.0
+    assert before["model"] == "tiny, the base of run-react/final" and before["template"] == "react"
+    result = run_infer(workspace, ["mode=predict", "model=tiny", f"predict.input=[{workspace['data']}]",
+                                   f"predict.output_dir={out}", "predict.baseline=true"])
+    assert result.returncode == 1 and "predict.baseline: needs adapter=" in result.stderr
+
+
+@pytest.mark.parametrize("run", ["qwen", "react"])
+def test_model_dtype_applies_to_a_run_and_its_base(workspace, run):
+    """adapter= takes the model from the run's config; model.dtype= on the command line still sets
+    the weights' dtype (the run's auto would load float32 on a CPU), for the base of a full run too."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from agenttune.inference.loading import load_for_inference, load_run_base
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for dtype, expected in (("bfloat16", torch.bfloat16), ("auto", torch.float32)):
+            cfg = OmegaConf.to_object(hydra_compose("infer", overrides=[
+                "mode=chat", f"adapter={workspace[run]}/final", f"model.dtype={dtype}"]))
+            assert next(load_for_inference(cfg).model.parameters()).dtype == expected
+            assert next(load_run_base(cfg, "qwen").model.parameters()).dtype == expected
 
 
 def test_predict_names_bad_eval_records(workspace):

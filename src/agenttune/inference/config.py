@@ -75,7 +75,9 @@ class PredictConfig:
     limit: int = 0
     """Score only the first N records of each input file; 0 scores all."""
     baseline: bool = False
-    """With adapter=: also score the base model (adapter switched off) and print a before/after table."""
+    """With adapter=: also score the base model and print a before/after table. A LoRA/DoRA run's
+    base is the same model with its adapter switched off; a tuner=full run's is the model its saved
+    config names, loaded beside the tuned one."""
     compare: str | None = None
     """A metrics.json (or the dir holding it) from an earlier predict run: printed as "before"."""
 

@@ -75,6 +75,19 @@ def load_for_inference(cfg: InferConfig) -> Loaded:
     return loaded
 
 
+def load_run_base(cfg: InferConfig, template: str) -> Loaded:
+    """The model the run at ``cfg.adapter`` started from (its saved config's model), rendered with
+    ``template``: the "before" of a tuner=full run."""
+    model_cfg, _ = read_run_config(find_run_config(Path(cfg.adapter)))
+    return load_for_inference(replace(cfg, adapter=None, model=with_asked_dtype(model_cfg, cfg), template=template))
+
+
+def with_asked_dtype(run_model: ModelConfig, cfg: InferConfig) -> ModelConfig:
+    """The run's model section, with the dtype ``model.dtype=`` asks for at inference (the run's
+    own is usually auto, which means float32 on a CPU)."""
+    return run_model if cfg.model.dtype == "auto" else replace(run_model, dtype=cfg.model.dtype)
+
+
 def _load_plain(model_cfg: ModelConfig, cfg: InferConfig, device: torch.device) -> Loaded:
     path = resolve_model_path(model_cfg.path)
     model = load_base(model_cfg, inference_dtype(model_cfg, device), False, f"model.path={model_cfg.path}")
@@ -91,6 +104,7 @@ def _load_run(adapter: Path, cfg: InferConfig, device: torch.device) -> Loaded:
     model_cfg, tuner = read_run_config(run_config)
     template = get_template(cfg.template or model_cfg.template)
     name = f"{adapter.parent.name}/{adapter.name}"
+    model_cfg = with_asked_dtype(model_cfg, cfg)
     dtype = inference_dtype(model_cfg, device)
     source = f"model.path in {run_config}"
     if tuner.uses_adapter:
