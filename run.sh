@@ -48,7 +48,7 @@ case "$cmd" in
     #    is downloaded) on agent + general data with L = λ·L_agent + (1-λ)·L_general.
     python train.py experiment=demo output_dir="$run" "$@"
     # 3. Score held-out tasks (unseen phrasings and entities) with the tuned model and the base it started
-    #    from (bf16 weights: 1.5x faster on this CPU, the same scores as float32 where we compared).
+    #    from, in bf16 (model.dtype: the weights the matmuls ran in under training's autocast).
     python infer.py mode=predict adapter="$run/final" predict.input="$heldout" predict.output_dir="$run/predict" \
       predict.limit=30 predict.batch_size=16 generation.max_new_tokens=96 predict.baseline=true model.dtype=bfloat16
     # 4. The tuned agent answers a new question by calling the real demo tools.
