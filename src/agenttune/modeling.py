@@ -149,8 +149,10 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
 
     if not tuner.uses_adapter:
         model.requires_grad_(not tuner.top_layers)
-        for index in adapted_layers(model, tuner.top_layers) or ():
-            decoder_layers(model)[index].requires_grad_(True)
+        if tuner.top_layers:
+            layers = decoder_layers(model)
+            for index in adapted_layers(model, tuner.top_layers):
+                layers[index].requires_grad_(True)
         freeze_parameters(model, tuner.freeze)
         return model
 
