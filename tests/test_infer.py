@@ -97,14 +97,18 @@ def run_infer(workspace, args: list[str], stdin: str = "", timeout: int = 180) -
 # ----------------------------------------------------------------------------- predict
 
 
-def test_predict_scores_the_memorized_run_and_prints_before_after(workspace):
-    out = workspace["root"] / "pred"
-    result = run_infer(workspace, ["mode=predict", f"adapter={workspace['qwen']}/final",
+def predict_with_baseline(workspace, run: str, out: Path) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """infer.py mode=predict predict.baseline=true on a run's final/: (process, after, before)."""
+    result = run_infer(workspace, ["mode=predict", f"adapter={workspace[run]}/final",
                                    f"predict.input=[{workspace['data']}]", f"predict.output_dir={out}",
                                    "predict.baseline=true", "generation.max_new_tokens=96"])
     assert result.returncode == 0, result.stderr[-3000:]
-    after = json.loads((out / "metrics.json").read_text())
-    before = json.loads((out / "metrics_base.json").read_text())
+    return result, *(json.loads((out / name).read_text()) for name in ("metrics.json", "metrics_base.json"))
+
+
+def test_predict_scores_the_memorized_run_and_prints_before_after(workspace):
+    out = workspace["root"] / "pred"
+    result, after, before = predict_with_baseline(workspace, "qwen", out)
     assert after["steps"] == {"call": 2, "final": 2, "general": 1} and after["records"] == 3
     for name in ("format_validity", "tool_name_accuracy", "argument_exact_match", "argument_kv_f1",
                  "final_answer_exact_match", "final_answer_rouge_l", "general_rouge_l"):
@@ -131,12 +135,7 @@ def test_predict_loads_a_checkpoint_and_compares_with_an_earlier_run(workspace):
 
 def test_predict_baseline_of_a_full_fine_tune_loads_the_base_it_started_from(workspace):
     out = workspace["root"] / "pred-full"
-    result = run_infer(workspace, ["mode=predict", f"adapter={workspace['react']}/final",
-                                   f"predict.input=[{workspace['data']}]", f"predict.output_dir={out}",
-                                   "predict.baseline=true", "generation.max_new_tokens=96"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    after = json.loads((out / "metrics.json").read_text())
-    before = json.loads((out / "metrics_base.json").read_text())
+    _, after, before = predict_with_baseline(workspace, "react", out)
     assert after["argument_exact_match"] == 1.0 and after["final_answer_exact_match"] == 1.0
     # the random tiny model the run started from, not the tuned weights again
     assert before["argument_exact_match"] == 0.0 and before["final_answer_exact_match"] == 0.0
