@@ -221,6 +221,42 @@ def test_head_nll_chunks_do_not_change_the_result():
     torch.testing.assert_close((hidden.grad, head.weight.grad), want)
 
 
+def test_a_frozen_head_takes_the_gradient_in_forward_path():
+    """head_nll with a frozen plain head (FrozenHeadNLL: the hidden states' gradient computed in
+    the forward) gives the losses and gradients of cross-entropy over the whole logits, for any
+    upstream weights and chunking, in fp32 and (close to the checkpointed path) under bf16 autocast."""
+    from agenttune.training import FrozenHeadNLL, frozen_plain_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    assert frozen_plain_head(head) and not frozen_plain_head(torch.nn.Linear(16, 50, bias=False))
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    upstream = torch.rand(23) * 3
+    whole = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+    (whole * upstream).sum().backward()
+    want = hidden.grad.clone()
+    hidden.grad = None
+    fused = head_nll(head, hidden, targets, chunk=5)  # 5 chunks, the last one short
+    assert fused.grad_fn is not None and type(fused.grad_fn).__name__ == "FrozenHeadNLLBackward"
+    (fused * upstream).sum().backward()
+    torch.testing.assert_close(fused, whole)
+    torch.testing.assert_close(hidden.grad, want)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(FrozenHeadNLL.apply(hidden, head.weight, targets, 7), whole)
+
+    got, ref = [], []
+    for path, out in (("fused", got), ("checkpointed", ref)):
+        hidden.grad = None
+        head.weight.requires_grad_(path == "checkpointed")  # a trained head takes the checkpointed path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = head_nll(head, hidden, targets, chunk=5)
+        (nll * upstream).sum().backward()
+        out += [nll.detach(), hidden.grad.clone()]
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
 def test_a_micro_batch_without_trained_tokens_still_reaches_lm_head():
     """Zero loss, but lm_head gets a (zero) gradient: under DDP every parameter is all-reduced."""
     rows = synthetic_rows(2, seed=4, vocab=700)

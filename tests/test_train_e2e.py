@@ -236,6 +236,46 @@ def test_full_tuner_top_layers_trains_only_the_last_layers(tmp_path, monkeypatch
     assert set(checkpoint) == layer_1
 
 
+def test_freeze_tuning_under_bf16_keeps_the_frozen_part_in_bf16(tmp_path, monkeypatch):
+    """tuner=full tuner.top_layers=1 under bf16 autocast: the frozen weights load in bf16 (else
+    autocast copies each to bf16 at every forward), the trained layer keeps fp32 masters, the
+    checkpoint holds those, and final/ is written all in bf16, the dtype the model loaded in."""
+    from agenttune.tiny import tiny_model_dir
+
+    bf16 = ["tuner=full", "tuner.top_layers=1", "hardware.mixed_precision=bf16"]
+    cfg = compose(FAST + bf16)
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert (trained, frozen) == ({torch.float32}, {torch.bfloat16})
+    # Everything trained, no autocast, or a dtype asked for: the model stays in one dtype.
+    for extra, dtype in ((["tuner=full", "hardware.mixed_precision=bf16"], torch.float32),
+                         (["tuner=full", "tuner.top_layers=1"], torch.float32),
+                         ([*bf16, "model.dtype=float32"], torch.float32)):
+        cfg = compose(FAST + extra)
+        assert {p.dtype for p in build_model(cfg.model, cfg.tuner, cfg.hardware).parameters()} == {dtype}, extra
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process's earlier runs had no autocast
+    try:
+        state, out = train_in_process([*bf16, f"output_dir={tmp_path}", *RUN], monkeypatch)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert state.step == 2
+    checkpoint = load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert {v.dtype for v in checkpoint.values()} == {torch.float32}
+    final = load_file(out / "final" / "model.safetensors")
+    assert {v.dtype for v in final.values()} == {torch.bfloat16}
+    base = load_file(tiny_model_dir() / "model.safetensors")
+    moved = {k for k in base if not torch.equal(base[k].bfloat16(), final[k])}
+    assert moved and all(k.startswith("model.layers.1.") for k in moved), moved
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert reloaded.dtype == torch.bfloat16
+
+
 def test_tuner_freeze_errors_name_the_key():
     cfg = compose(FAST + ["tuner=full", "tuner.freeze=[model.embedding]"])
     with pytest.raises(ConfigError, match=r"^tuner.freeze: 'model.embedding' is the prefix of no parameter"):

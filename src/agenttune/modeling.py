@@ -79,10 +79,26 @@ def build_tokenizer(model_cfg: ModelConfig):
 def load_dtype(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareConfig) -> torch.dtype:
     if model_cfg.dtype != "auto":
         return getattr(torch, model_cfg.dtype)
-    # A frozen base under bf16 autocast loses nothing in bf16; trained full weights keep an fp32 master copy.
-    if tuner.uses_adapter and hardware.mixed_precision == "bf16":
+    # A frozen weight under bf16 autocast loses nothing in bf16, and autocast no longer copies it to
+    # bf16 at every forward; trained full weights get an fp32 master copy (upcast_trained).
+    if hardware.mixed_precision == "bf16" and (tuner.uses_adapter or frozen_in_bf16(tuner, hardware)):
         return torch.bfloat16
     return torch.float32
+
+
+def frozen_in_bf16(tuner: TunerConfig, hardware: HardwareConfig) -> bool:
+    """tuner=full with part of the model frozen (top_layers, freeze) keeps the frozen part in bf16
+    under bf16 autocast. Only for plain data parallel: FSDP and DeepSpeed manage the dtypes of the
+    weights they shard themselves."""
+    partial = bool(tuner.top_layers or tuner.freeze)
+    return not tuner.uses_adapter and partial and hardware.mixed_precision == "bf16" and hardware.strategy == "ddp"
+
+
+def upcast_trained(model: torch.nn.Module) -> None:
+    """An fp32 master copy of every trained weight: AdamW's small updates vanish in bf16."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def quantization_config_nf4():
@@ -154,6 +170,8 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
             for index in adapted_layers(model, tuner.top_layers):
                 layers[index].requires_grad_(True)
         freeze_parameters(model, tuner.freeze)
+        if model_cfg.dtype == "auto" and frozen_in_bf16(tuner, hardware):
+            upcast_trained(model)
         return model
 
     from peft import get_peft_model

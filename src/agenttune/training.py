@@ -360,14 +360,57 @@ def chunk_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
 
 
+class FrozenHeadNLL(torch.autograd.Function):
+    """Cross-entropy of hidden states (K, H) through a frozen bias-free head (V, H), with the
+    gradient with respect to the hidden states computed in the forward, ``chunk`` rows at a time.
+
+    Per row, d CE / d hidden = (softmax(logits) - onehot(target)) @ W, and the loss's upstream
+    gradient is one number per row, so the forward can keep (K, H) instead of any (chunk, V)
+    logits, and the backward only scales it. Against the checkpointed chunks of ``head_nll``
+    this skips recomputing the logits and the log-softmax backward. Only for a frozen head: the
+    head's own gradient would need the upstream gradient inside the sum over rows.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        nll, grads = [], []
+        for i in range(0, len(targets), chunk):
+            h, t = hidden[i : i + chunk], targets[i : i + chunk]
+            logits = (h @ weight.T).float()  # (chunk, V), in the compute dtype then fp32, as lm_head(h).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            nll.append(lse - logits.gather(1, t[:, None]).squeeze(1))
+            if ctx.needs_input_grad[0]:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grads.append(probs.to(weight.dtype) @ weight)  # (chunk, H)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(nll)
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        (grads,) = ctx.saved_tensors
+        return (grad_nll[:, None] * grads).to(grads.dtype), None, None, None
+
+
+def frozen_plain_head(lm_head: torch.nn.Module) -> bool:
+    return type(lm_head) is torch.nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+
+
 def head_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Cross-entropy of each hidden state (K, H) against its target (K,): (K,) in fp32.
 
-    ``chunk`` rows at a time, each under activation checkpointing: a chunk's logits (chunk, V)
-    are freed once its loss is known and recomputed in backward, so at most one chunk of logits
-    exists at any moment. Calling the lm_head module (not its weight) keeps a LoRA adapter on it
-    in the graph.
+    ``chunk`` rows at a time. A frozen plain head (LoRA without include_embeddings, freeze
+    tuning) goes through FrozenHeadNLL. Otherwise each chunk runs under activation checkpointing:
+    a chunk's logits (chunk, V) are freed once its loss is known and recomputed in backward, so
+    at most one chunk of logits exists at any moment. Calling the lm_head module (not its
+    weight) keeps a LoRA adapter on it in the graph.
     """
+    if frozen_plain_head(lm_head):
+        weight = lm_head.weight
+        if torch.is_autocast_enabled(hidden.device.type):  # a custom Function is not autocast: cast as autocast would
+            weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+        return FrozenHeadNLL.apply(hidden.to(weight.dtype), weight, targets, chunk)
     pieces = []
     for i in range(0, len(targets), chunk):
         h, t = hidden[i : i + chunk], targets[i : i + chunk]
@@ -996,7 +1039,10 @@ def save_final(accelerator, model, tokenizer, path: Path, template: str) -> None
     if accelerator.is_main_process:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        if not hasattr(unwrapped, "peft_config"):
+            state_dict = in_model_dtype(state_dict, unwrapped.config)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         # Serve with exactly the text the model was trained on (agenttune.data.templates renders both).
         tokenizer.chat_template = get_template(template).chat_template
         tokenizer.save_pretrained(tmp)
@@ -1004,6 +1050,16 @@ def save_final(accelerator, model, tokenizer, path: Path, template: str) -> None
             _discard(path)
         os.rename(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def in_model_dtype(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """A full model written in the dtype its config names (the one it was loaded in). Freeze
+    tuning under bf16 keeps the frozen weights in bf16 and fp32 masters of the trained ones
+    (modeling.frozen_in_bf16); final/ holds them all in bf16, as the base was loaded."""
+    dtype = getattr(config, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        return state_dict
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 # ----------------------------------------------------------------------------- logging
