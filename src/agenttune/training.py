@@ -377,10 +377,12 @@ class FrozenHeadNLL(torch.autograd.Function):
         for i in range(0, len(targets), chunk):
             h, t = hidden[i : i + chunk], targets[i : i + chunk]
             logits = (h @ weight.T).float()  # (chunk, V), in the compute dtype then fp32, as lm_head(h).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            nll.append(lse - logits.gather(1, t[:, None]).squeeze(1))
+            # In place, one (chunk, V) buffer: half the time of logsumexp then softmax on this CPU.
+            top, target = logits.amax(dim=-1, keepdim=True), logits.gather(1, t[:, None])
+            total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logit - top)
+            nll.append((top + total.log() - target).squeeze(1))
             if ctx.needs_input_grad[0]:
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs = logits.div_(total)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grads.append(probs.to(weight.dtype) @ weight)  # (chunk, H)
         if ctx.needs_input_grad[0]:
