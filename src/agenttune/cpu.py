@@ -4,12 +4,12 @@ glibc's malloc serves every block above its mmap threshold (at most 32 MiB) with
 ``mmap`` and unmaps it on free. A training step on the CPU allocates its activations, the
 logits of the trained positions and their gradients anew each step, so each step page-faults
 (and the kernel zeroes) hundreds of megabytes again. On the README demo (SmolLM2-135M, 2 cores)
-that was a fifth of a step: the step ran at 641 tokens/s with glibc's defaults and 779 with
-freed memory kept (BENCHMARKS.md, "Training throughput").
+the step ran at 605-629 tokens/s with glibc's defaults and 714-824 with freed memory kept
+(BENCHMARKS.md, the demo's section, "Evening of 2026-12-03").
 
-:func:`keep_freed_memory` asks glibc to serve every block from the heap and never to give the
-heap back, the effect of PyTorch's advice to use jemalloc or tcmalloc on CPUs, without a
-preloaded library. It only suits a process whose working set is steady, which a training or
+:func:`keep_freed_memory` asks glibc to serve every block from the heap and to give back only
+free heap beyond 2 GiB, the effect of PyTorch's advice to use jemalloc or tcmalloc on CPUs,
+without a preloaded library. It only suits a process whose working set is steady, which a training or
 inference loop on the CPU is; on a GPU run the host only stages the weights, so it is not called.
 """
 
