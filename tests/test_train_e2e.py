@@ -248,6 +248,16 @@ def test_freeze_tuning_under_bf16_keeps_the_frozen_part_in_bf16(tmp_path, monkey
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert (trained, frozen) == ({torch.float32}, {torch.bfloat16})
+    # The trained layer's norms hand their projections bf16, the values autocast would have cast
+    # for each projection; the frozen layer's norms are bf16 throughout and need no hook.
+    layers = model.model.layers
+    hidden = torch.randn(1, 3, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for norm in (layers[1].input_layernorm, layers[1].post_attention_layernorm):
+            unhooked, hooked = type(norm).forward(norm, hidden), norm(hidden)
+            assert (unhooked.dtype, hooked.dtype) == (torch.float32, torch.bfloat16)
+            assert torch.equal(hooked, unhooked.bfloat16())
+    assert not layers[0].input_layernorm._forward_hooks
     # Everything trained, no autocast, or a dtype asked for: the model stays in one dtype.
     for extra, dtype in ((["tuner=full", "hardware.mixed_precision=bf16"], torch.float32),
                          (["tuner=full", "tuner.top_layers=1"], torch.float32),
@@ -265,6 +275,8 @@ def test_freeze_tuning_under_bf16_keeps_the_frozen_part_in_bf16(tmp_path, monkey
     assert state.step == 2
     checkpoint = load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
     assert {v.dtype for v in checkpoint.values()} == {torch.float32}
+    norms = [k for k in checkpoint if k.endswith("layernorm.weight")]
+    assert len(norms) == 2 and all(not torch.all(checkpoint[k] == 1) for k in norms), norms  # they learn
     final = load_file(out / "final" / "model.safetensors")
     assert {v.dtype for v in final.values()} == {torch.bfloat16}
     base = load_file(tiny_model_dir() / "model.safetensors")

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from .encode import encode
 from .options import FORMATS, LOSS_SCALES, TRAIN_ON, TRUNCATION, SupervisionConfig
@@ -90,13 +91,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_tokenizer(path: str | None):
+    """The tiny tokenizer, or the one at ``path``: whatever ``model.path`` accepts (a directory,
+    ``tiny``, ``python-package:NAME``). A directory holding a GGUF and no tokenizer files is read
+    from the GGUF, as ``model.gguf_file`` would."""
     if path is None:
         from ..tiny import load_tiny_tokenizer
 
         return load_tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    from ..modeling import resolve_model_path
+
+    where = Path(resolve_model_path(path)).expanduser()
+    if path.startswith(("/", ".", "~")) and not where.exists():
+        raise FileNotFoundError(f"no such directory: {where}")
+    kwargs = {}
+    if where.is_dir() and not (where / "tokenizer_config.json").exists():
+        ggufs = sorted(where.glob("*.gguf"))
+        if ggufs:
+            kwargs["gguf_file"] = ggufs[0].name
+    return AutoTokenizer.from_pretrained(str(where), **kwargs)
 
 
 def main(argv=None) -> int:
@@ -109,7 +123,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(args.tokenizer)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:  # FileNotFoundError included
+        print(f"error: --tokenizer {args.tokenizer}: {e}", file=sys.stderr)
+        return 2
     template = get_template(args.template)
     stats = Counter()
     errors: Counter = Counter()
