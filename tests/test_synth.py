@@ -253,6 +253,18 @@ def test_entity_pools_are_disjoint():
     assert train.small_numbers() and held.small_numbers()
 
 
+def test_cities_added_to_the_table_go_to_training_only():
+    """The held-out cities are pinned: a name added to the weather table must not move the split
+    (the demo's figures compare runs across such additions)."""
+    held = synth.agent_pools("heldout").cities
+    assert held == ("Athens", "Bangkok", "Berlin", "Brussels", "Busan", "Chennai", "Copenhagen", "Doha",
+                    "Edinburgh", "Hanoi", "Hong Kong", "Johannesburg", "Kyiv", "Lisbon", "Manchester",
+                    "Mexico City", "Montreal", "Nanjing", "Oslo", "Portland", "Reykjavik", "San Francisco",
+                    "Seattle", "Singapore", "Taipei", "Tokyo", "Vienna", "Wuhan")
+    train = synth.agent_pools("train").cities
+    assert set(train) == set(CITIES) - set(held) and len(train) > 10 * len(held)
+
+
 def test_heldout_prompts_are_not_training_prompts(out):
     train = {t["value"] for r in lines(out / "agent_train.sharegpt.jsonl") for t in r["conversations"]
              if t["from"] == "human"}

@@ -171,6 +171,77 @@ CITIES: dict[str, tuple[int, int]] = {
     "Montevideo": (16, -1), "Cape Town": (17, -1), "Johannesburg": (16, -1), "Durban": (21, -1),
     "Sao Paulo": (19, -1),
 }
+HELDOUT_CANDIDATES = tuple(CITIES)
+"""The names above. Every 4th of them, sorted, is a held-out city (agenttune.data.synth); the ones
+below are for training only, so the held-out split stays what it was when they were added."""
+# More names for training. With 86 training cities, each seen in about 20 episodes, SmolLM2-135M
+# learned the names more than the copying: held-out Manchester came out as Munich, Busan as
+# "Barsan", Johannesburg as "Johaan" (BENCHMARKS.md). Words that read as English in a question
+# ("Nice", "Split") are left out.
+CITIES |= {
+    # Europe
+    "Bergen": (8, 1), "Trondheim": (5, 1), "Gothenburg": (8, 1), "Malmo": (9, 1), "Uppsala": (6, 1),
+    "Aarhus": (8, 1), "Odense": (8, 1), "Tampere": (5, 1), "Turku": (6, 1), "Oulu": (3, 1),
+    "Tartu": (6, 1), "Kaunas": (7, 1), "Minsk": (7, 1), "Lviv": (8, 1), "Odesa": (11, 1),
+    "Kharkiv": (8, 1), "Chisinau": (10, 1), "Iasi": (10, 1), "Timisoara": (11, 1), "Varna": (13, 1),
+    "Plovdiv": (12, 1), "Skopje": (13, 1), "Tirana": (16, 1), "Podgorica": (16, 1), "Sarajevo": (10, 1),
+    "Ljubljana": (11, 1), "Bratislava": (10, 1), "Brno": (9, 1), "Gdansk": (8, 1),
+    "Wroclaw": (9, 1), "Poznan": (9, 1), "Leipzig": (9, 1), "Dresden": (9, 1), "Cologne": (11, 1),
+    "Frankfurt": (10, 1), "Stuttgart": (10, 1), "Dusseldorf": (11, 1), "Hanover": (9, 1), "Bremen": (9, 1),
+    "Nuremberg": (9, 1), "Salzburg": (9, 1), "Innsbruck": (9, 1), "Graz": (10, 1), "Geneva": (11, 1),
+    "Basel": (10, 1), "Bern": (9, 1), "Lausanne": (11, 1), "Turin": (13, 1), "Bologna": (14, 1),
+    "Florence": (15, 1), "Venice": (14, 1), "Genoa": (16, 1), "Palermo": (19, 1), "Bari": (17, 1),
+    "Verona": (13, 1), "Bilbao": (15, 1), "Malaga": (19, 1), "Zaragoza": (15, 1), "Granada": (15, 1),
+    "Bordeaux": (13, 1), "Toulouse": (14, 1), "Nantes": (12, 1), "Strasbourg": (11, 1),
+    "Lille": (11, 1), "Rotterdam": (11, 1), "Utrecht": (10, 1), "Antwerp": (11, 1), "Ghent": (11, 1),
+    "Luxembourg": (9, 1), "Cardiff": (11, 1), "Bristol": (11, 1), "Liverpool": (10, 1), "Leeds": (10, 1),
+    "Birmingham": (10, 1), "Belfast": (10, 1), "Cork": (10, 1), "Galway": (10, 1), "Aberdeen": (9, 1),
+    "Newcastle": (9, 1), "Oxford": (11, 1), "Cambridge": (11, 1), "Coimbra": (16, 1), "Faro": (18, 1),
+    "Thessaloniki": (16, 1), "Heraklion": (19, 1), "Nicosia": (19, 1), "Valletta": (19, 1), "Izmir": (18, 1),
+    "Ankara": (12, 1), "Antalya": (19, 1), "Yerevan": (12, 1), "Moscow": (6, 1), "Kazan": (5, 1),
+    "Novosibirsk": (1, 1), "Yekaterinburg": (3, 1), "Vladivostok": (5, 1), "Almaty": (10, 1), "Tashkent": (15, 1),
+    "Bishkek": (11, 1), "Samarkand": (14, 1), "Astana": (3, 1), "Ulaanbaatar": (0, 1),
+    # Middle East and Africa
+    "Beirut": (20, 1), "Amman": (17, 1), "Jerusalem": (17, 1), "Tel Aviv": (21, 1), "Baghdad": (23, 1),
+    "Kuwait City": (26, 1), "Muscat": (28, 1), "Abu Dhabi": (28, 1), "Manama": (27, 1), "Jeddah": (28, 1),
+    "Alexandria": (21, 1), "Luxor": (25, 1), "Casablanca": (18, 1), "Marrakesh": (20, 1), "Rabat": (17, 1),
+    "Tunis": (18, 1), "Algiers": (18, 1), "Khartoum": (30, 0), "Addis Ababa": (16, 0), "Kampala": (22, 0),
+    "Kigali": (21, 0), "Dar es Salaam": (26, 0), "Zanzibar": (26, 0), "Mombasa": (26, 0), "Kinshasa": (25, 0),
+    "Luanda": (25, 0), "Dakar": (24, 0), "Abidjan": (27, 0), "Harare": (18, -1), "Lusaka": (20, -1),
+    "Windhoek": (20, -1), "Gaborone": (21, -1), "Maputo": (23, -1), "Pretoria": (18, -1),
+    "Antananarivo": (18, -1), "Port Louis": (24, -1),
+    # Asia
+    "Karachi": (26, 1), "Lahore": (24, 1), "Islamabad": (21, 1), "Dhaka": (26, 1), "Kolkata": (27, 1),
+    "Bangalore": (24, 0), "Hyderabad": (27, 0), "Pune": (25, 0), "Ahmedabad": (27, 1), "Jaipur": (25, 1),
+    "Kochi": (27, 0), "Yangon": (27, 0), "Mandalay": (27, 1), "Chiang Mai": (26, 0), "Phuket": (28, 0),
+    "Phnom Penh": (28, 0), "Vientiane": (26, 0), "Ho Chi Minh City": (28, 0), "Da Nang": (26, 0),
+    "Cebu": (28, 0), "Davao": (28, 0), "Denpasar": (27, 0), "Surabaya": (27, 0), "Bandung": (23, 0),
+    "Medan": (27, 0), "Penang": (28, 0), "Macau": (23, 0), "Shenzhen": (23, 0), "Guangzhou": (22, 1),
+    "Xiamen": (21, 1), "Fuzhou": (20, 1), "Kunming": (15, 1), "Guilin": (19, 1), "Chongqing": (18, 1),
+    "Changsha": (17, 1), "Suzhou": (16, 1), "Qingdao": (13, 1), "Tianjin": (13, 1), "Dalian": (11, 1),
+    "Shenyang": (8, 1), "Lhasa": (8, 1), "Urumqi": (7, 1), "Nagoya": (16, 1), "Fukuoka": (17, 1),
+    "Hiroshima": (16, 1), "Sendai": (12, 1), "Yokohama": (16, 1), "Kobe": (17, 1), "Naha": (23, 1),
+    "Incheon": (12, 1), "Daegu": (14, 1), "Jeju": (16, 1), "Gwangju": (14, 1), "Kaohsiung": (25, 0),
+    "Taichung": (23, 1),
+    # The Americas
+    "Ottawa": (6, 1), "Calgary": (4, 1), "Edmonton": (4, 1), "Winnipeg": (3, 1), "Quebec City": (5, 1),
+    "Halifax": (7, 1), "Minneapolis": (8, 1), "Detroit": (10, 1), "Philadelphia": (13, 1),
+    "Washington": (15, 1), "Baltimore": (14, 1), "Pittsburgh": (11, 1), "Cleveland": (11, 1),
+    "Nashville": (15, 1), "Charlotte": (16, 1), "New Orleans": (21, 1), "Austin": (21, 1),
+    "San Antonio": (21, 1), "San Diego": (18, 1), "Las Vegas": (20, 1), "Salt Lake City": (11, 1),
+    "Albuquerque": (14, 1), "Kansas City": (13, 1), "Orlando": (23, 1), "Tampa": (23, 1), "Honolulu": (25, 0),
+    "Anchorage": (3, 1), "Sacramento": (16, 1), "Guadalajara": (20, 0), "Monterrey": (22, 1), "Cancun": (27, 0),
+    "Guatemala City": (19, 0), "Panama City": (27, 0), "Kingston": (27, 0), "San Juan": (27, 0),
+    "Santo Domingo": (26, 0), "Caracas": (22, 0), "Medellin": (22, 0), "Cartagena": (28, 0), "Guayaquil": (26, 0),
+    "Cusco": (10, -1), "Arequipa": (15, -1), "La Paz": (8, -1), "Asuncion": (23, -1), "Rio de Janeiro": (24, -1),
+    "Brasilia": (21, -1), "Salvador": (25, 0), "Recife": (26, 0), "Fortaleza": (27, 0), "Manaus": (27, 0),
+    "Curitiba": (17, -1), "Porto Alegre": (19, -1), "Cordoba": (17, -1), "Rosario": (17, -1), "Mendoza": (16, -1),
+    "Valparaiso": (14, -1), "Punta Arenas": (6, -1),
+    # Oceania
+    "Canberra": (13, -1), "Hobart": (12, -1), "Darwin": (28, 0), "Cairns": (25, 0), "Gold Coast": (21, -1),
+    "Townsville": (25, 0), "Alice Springs": (21, -1), "Queenstown": (10, -1), "Dunedin": (11, -1),
+    "Suva": (25, 0), "Noumea": (23, -1), "Port Moresby": (27, 0),
+}
 # Month offset from the annual mean in the northern hemisphere (January first).
 _SEASON = (-8, -7, -4, 0, 4, 8, 10, 9, 5, 0, -4, -7)
 CONDITIONS = ("sunny", "cloudy", "rain", "windy", "fog")

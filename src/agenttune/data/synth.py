@@ -52,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..demo_tools import CATEGORIES, CITIES, PRODUCTS, TOOLS, TOOLS_BY_NAME, YEAR, stable_int
+from ..demo_tools import CATEGORIES, CITIES, HELDOUT_CANDIDATES, PRODUCTS, TOOLS, TOOLS_BY_NAME, YEAR, stable_int
 from ..inference.agent import run_tool
 from .schema import ToolCall, canonical_json
 from .templates import react_system_prompt
@@ -89,10 +89,12 @@ HELDOUT_CATEGORIES = ("bakery", "drinks")
 
 
 def agent_pools(split: str) -> Pools:
-    """Every 4th city and product, two aisles, a hash-chosen quarter of the days of the year
-    and the numbers 2, 6, 10, ... go to the held-out split; the rest to training."""
+    """Every 4th city of the first 114 (demo_tools.HELDOUT_CANDIDATES) and every 4th product,
+    two aisles, a hash-chosen quarter of the days of the year and the numbers 2, 6, 10, ... go to
+    the held-out split; the rest to training, with the 262 cities added later."""
     held = split == "heldout"
-    cities = tuple(c for i, c in enumerate(sorted(CITIES)) if (i % 4 == 3) == held)
+    held_cities = {c for i, c in enumerate(sorted(HELDOUT_CANDIDATES)) if i % 4 == 3}
+    cities = tuple(c for c in sorted(CITIES) if (c in held_cities) == held)
     products = tuple(p for i, p in enumerate(PRODUCTS) if (i % 4 == 3) == held)
     categories = tuple(c for c in CATEGORIES if (c in HELDOUT_CATEGORIES) == held)
     days = [dt.date(YEAR, 1, 1) + dt.timedelta(days=k) for k in range(365)]
