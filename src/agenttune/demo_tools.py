@@ -174,7 +174,7 @@ CITIES: dict[str, tuple[int, int]] = {
 HELDOUT_CANDIDATES = tuple(CITIES)
 """The names above. Every 4th of them, sorted, is a held-out city (agenttune.data.synth); the ones
 below are for training only, so the held-out split stays what it was when they were added."""
-# More names for training. With 86 training cities, each seen in about 20 episodes, SmolLM2-135M
+# More names for training. With 86 training cities, each in about 31 episodes, SmolLM2-135M
 # learned the names more than the copying: held-out Manchester came out as Munich, Busan as
 # "Barsan", Johannesburg as "Johaan" (BENCHMARKS.md). Words that read as English in a question
 # ("Nice", "Split") are left out.
