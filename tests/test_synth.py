@@ -349,6 +349,33 @@ def test_copying_tasks_quote_made_up_names_from_their_input(out):
     assert not train & {r["input"] for r in lines(out / "copy_heldout.jsonl")}
 
 
+def test_reading_tasks_answer_from_their_input(out):
+    """fields, names and cheapest read what a tool would return: real words written into JSON
+    (never a held-out city), every name of a JSON list in order, the cheapest entry and the count."""
+    heldout_cities = set(synth.agent_pools("heldout").cities)
+    seen = Counter()
+    for name in ("general_train", "general_heldout"):
+        for r in lines(out / f"{name}.jsonl"):
+            task, lang = r["meta"]["task"], r["meta"]["lang"]
+            seen[task] += 1
+            if task == "fields":
+                values = json.loads(r["output"])
+                assert list(values) == ["name", "item", "place"]
+                assert all(f" {v}" in f" {r['input']}" for v in values.values()), r
+                assert values["place"] not in heldout_cities and values["name"] in synth.FIRST_NAMES
+            elif task == "names":
+                listed = [x["name"] for x in json.loads(r["input"])["results"]]
+                sep, end = ("、", "。") if lang == "zh" else (", ", ".")
+                assert 2 <= len(listed) <= 7 and r["output"] == sep.join(listed) + end, r
+            elif task == "cheapest":
+                offers = json.loads(r["input"])["offers"]
+                best = min(offers, key=lambda o: o["price"])
+                assert len({o["price"] for o in offers}) == len(offers)  # one answer
+                numbers = re.findall(r"\d+", r["output"].replace(best["code"], "").replace(best["time"], ""))
+                assert numbers == [str(len(offers)), str(best["price"])] and best["code"] in r["output"], r
+    assert min(seen["fields"], seen["names"], seen["cheapest"]) > 5, seen
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -14,8 +14,9 @@ same bytes. Files written to DIR:
   ms-agent ReAct text (``Thought:`` / ``Action:`` / ``Action Input:`` / ``Observation:`` /
   ``Final Answer:``), the APIs listed in the system prompt.
 - ``general_train.jsonl`` / ``general_heldout.jsonl``: Alpaca records (arithmetic, capitals,
-  word length, sorting, rewriting, and copying made-up names out of a text: extract, JSON
-  form, repeat), to measure forgetting of non-agent skills.
+  word length, sorting, rewriting, copying made-up names out of a text: extract, JSON form,
+  repeat; and reading JSON: real words into JSON fields, the names of a JSON list, the cheapest
+  of a JSON list of offers), to measure forgetting of non-agent skills.
 - ``copy_train.jsonl`` / ``copy_heldout.jsonl``: Alpaca "repeat exactly" records over made-up
   names, codes, dates and numbers: the demo's copy warm-up (``experiment=demo_base``).
 - ``trajectories.jsonl``: ShareGPT records with ``reward``: every training episode
@@ -970,9 +971,39 @@ GENERAL: dict[str, dict[str, dict[str, list[str]]]] = {
                       "heldout": ["Echo the following text without changing it."]},
                "zh": {"train": ["原样重复。", "把这段文字原样抄一遍。", "一字不差地复述。"],
                       "heldout": ["请照抄下面的内容，不要改动。"]}},
+    # Reading what a tool returns, on general data: real words into a JSON object (a name the prompt
+    # holds as one token, like " Athens", is written in pieces inside JSON, "At" "hens"), every name
+    # of a JSON list and nothing more, and the cheapest entry of a JSON list with the count.
+    "fields": {"en": {"train": ["Put the person, item and place of this sentence into JSON.",
+                                "Fill a JSON object with the name, item and place mentioned.",
+                                "Return name, item and place as JSON."],
+                      "heldout": ["Give this sentence's person, item and place as a JSON object."]},
+               "zh": {"train": ["把这句话里的人名、物品和地点写成 JSON。", "用 JSON 给出句中的名字、物品和地点。",
+                                "提取名字、物品和地点，输出 JSON。"],
+                      "heldout": ["请以 JSON 对象列出这句话中的人、物品和地点。"]}},
+    "names": {"en": {"train": ["List the names in this JSON.", "Which names does this data hold? List them.",
+                               "Name every entry of this result."],
+                     "heldout": ["Write out all the names this JSON contains."]},
+              "zh": {"train": ["列出这段 JSON 里的名字。", "这份数据里有哪些名字？列出来。", "写出这个结果中每一项的名字。"],
+                     "heldout": ["把这个 JSON 包含的名字全部写出来。"]}},
+    "cheapest": {"en": {"train": ["Which offer is the cheapest?", "Find the lowest price among these offers.",
+                                  "How many offers are there, and which costs least?"],
+                        "heldout": ["Count the offers below and pick the one with the smallest price."]},
+                 "zh": {"train": ["哪个报价最便宜？", "找出这些报价里价格最低的。", "一共有几个报价？哪个最便宜？"],
+                        "heldout": ["数一数下面的报价，并选出价格最低的那个。"]}},
 }
 GENERAL_WEIGHTS = {"add": 3, "times": 2, "capital": 3, "length": 2, "sort": 2, "upper": 2, "reverse": 2,
-                   "extract": 5, "form": 6, "repeat": 12}
+                   "extract": 5, "form": 6, "repeat": 12, "fields": 6, "names": 4, "cheapest": 4}
+FIRST_NAMES = ("Anna Maria John David Laura Peter Sofia James Emma Lucas Olivia Daniel Sarah Michael Elena "
+               "Thomas Julia Robert Nina Oscar Clara Henry Alice George Grace Victor Rosa Martin Helen Paul "
+               "Irene Simon Diana Felix Carmen Hugo Lena Ivan Vera Adam Eva Leo Mia Noah Ella Omar Leila "
+               "Pablo Hannah Kevin").split()
+SENTENCES = {"en": ("{name} took the {item} to {place}.", "In {place}, {name} bought a {item}.",
+                    "{name} found a {item} near {place}.", "The {item} that {name} sent from {place} arrived."),
+             "zh": ("{name} 把 {item} 带到了 {place}。", "{name} 在 {place} 买了一个 {item}。",
+                    "{name} 在 {place} 附近找到一个 {item}。", "{name} 从 {place} 寄来的 {item} 到了。")}
+OFFERS = {"en": "{count} offers; the cheapest is {code} at {time} for {price}.",
+          "zh": "共 {count} 个报价，最便宜的是 {code}，{time}，{price}。"}
 SYLLABLES = ("ka ri to mel va sen lor dun bi fa qui zer pol tam ash ni gor vel ru sto han ebb lin mar "
              "os tri yel cor du fen wik ja bro nel pa sim thu ov gal ren").split()
 NOTES = {"en": ("{name} ordered {code} on {date}.", "Ship {code} to {name} before {date}.",
@@ -1022,12 +1053,42 @@ def _general_item(task: str, rng: random.Random, lang: str, split: str,
         note = rng.choice(NOTES[lang]).format(name=name, code=code, date=date)
         output = name if task == "extract" else canonical_json({"name": name, "code": code, "date": date})
         record = {"instruction": instruction, "input": note, "output": output}
+    elif task == "fields":
+        name, item, place = rng.choice(FIRST_NAMES), rng.choice(NOUNS), rng.choice(PLACES)
+        key = f"fields:{name}:{item}:{place}"
+        record = {"instruction": instruction,
+                  "input": rng.choice(SENTENCES[lang]).format(name=name, item=item, place=place),
+                  "output": canonical_json({"name": name, "item": item, "place": place})}
+    elif task == "names":
+        names, count = [], rng.randint(2, 7)
+        while len(names) < count:
+            name = _made_up_name(rng) if rng.random() < 0.4 else " ".join(
+                rng.choice(NOUNS).capitalize() for _ in range(rng.choice((1, 1, 2))))
+            names += [name] if name not in names else []
+        key = "names:" + "|".join(names)
+        results = [{"id": _made_up_code(rng), "name": name} for name in names]
+        record = {"instruction": instruction, "input": canonical_json({"results": results}),
+                  "output": ("、" if lang == "zh" else ", ").join(names) + ("。" if lang == "zh" else ".")}
+    elif task == "cheapest":
+        count = rng.randint(2, 4)
+        prices = rng.sample(range(20, 990, 5), count)
+        offers = [{"code": _made_up_code(rng), "time": f"{rng.randint(5, 22):02d}:{rng.choice((0, 15, 30, 45)):02d}",
+                   "price": price} for price in prices]
+        best = min(offers, key=lambda o: o["price"])
+        key = "cheapest:" + canonical_json(offers)
+        record = {"instruction": instruction, "input": canonical_json({"offers": offers}),
+                  "output": OFFERS[lang].format(count=count, **best)}
     else:
         text = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
         key = f"{task}:{text}"
         out = text.upper() if task == "upper" else " ".join(reversed(text.split()))
         record = {"instruction": instruction, "input": text, "output": out}
     return key, record, tid
+
+
+NOUNS = WORDS[:WORDS.index("blue")]
+PLACES = tuple(sorted(set(agent_pools("train").cities) | set(CAPITALS)))
+"""Training cities and countries: the places ``fields`` writes into JSON (no held-out city)."""
 
 
 def _made_up_name(rng: random.Random) -> str:
