@@ -147,8 +147,9 @@ def test_weather_is_a_fixed_table():
 
 
 def test_weather_unknown_city_and_date():
-    message = error("get_weather", city="Atlantis", date="2025-01-05")
-    assert "unknown city 'Atlantis'" in message and "Oslo" in message
+    message = error("get_weather", city="Qwxyz", date="2025-01-05")
+    assert "unknown city 'Qwxyz'" in message and "did you mean" not in message
+    assert not [city for city in CITIES if city in message]  # no name to take for a suggestion
     assert "outside the table" in error("get_weather", city="Oslo", date="2024-12-31")
     assert "write YYYY-MM-DD" in error("get_weather", city="Oslo", date="05/01/2025")
 
@@ -196,3 +197,12 @@ def test_every_product_name_finds_exactly_itself():
     for p in PRODUCTS:
         hits = run("search_products", query=p["name"])["results"]
         assert hits[0]["sku"] == p["sku"], p["name"]
+
+
+@pytest.mark.parametrize("name, meant", [("Warsawa", "Warsaw"), ("W Warsaw", "Warsaw"), ("warsaw", "Warsaw"),
+                                         ("Bussels", "Brussels"), ("Sao Paolo", "Sao Paulo")])
+def test_a_misspelled_city_gets_the_table_name(name, meant):
+    """The error names the city a caller most likely meant, for get_weather and search_flights alike."""
+    assert error("get_weather", city=name, date="2025-01-05") == f"unknown city {name!r}; did you mean {meant!r}?"
+    assert f"unknown origin {name!r}; did you mean {meant!r}?" in error(
+        "search_flights", origin=name, destination="Oslo", date="2025-01-05")

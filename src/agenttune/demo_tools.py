@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import difflib
 import hashlib
 import math
 import operator
@@ -247,11 +248,22 @@ _SEASON = (-8, -7, -4, 0, 4, 8, 10, 9, 5, 0, -4, -7)
 CONDITIONS = ("sunny", "cloudy", "rain", "windy", "fog")
 
 
+def close_city(name: str) -> str | None:
+    """The table's city nearest to a misspelled ``name`` ("Warsawa", "W Warsaw", "warsaw"), if one is close."""
+    folded = {c.casefold(): c for c in CITIES}
+    match = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=0.75)
+    return folded[match[0]] if match else None
+
+
 def _known_city(city: str, what: str = "city") -> str:
     if city not in CITIES:
-        # A hint, not the whole table: 100+ names would fill a small model's context.
-        raise ToolError(f"unknown {what} {city!r}; the table has {len(CITIES)} cities, e.g. Oslo, Paris, Tokyo, "
-                        "Sydney; write the name in English as in 'Sao Paulo'")
+        near = close_city(city)
+        if near:  # the way back for a caller that misspelled a name it was given
+            raise ToolError(f"unknown {what} {city!r}; did you mean {near!r}?")
+        # No example names: a model that learned to retry with the name an error suggests took
+        # "e.g. Oslo, Paris" for a suggestion and answered about Paris (BENCHMARKS.md).
+        raise ToolError(f"unknown {what} {city!r}: none of the table's {len(CITIES)} cities is spelled like it; "
+                        "cities are named in English")
     return city
 
 
