@@ -260,8 +260,8 @@ def _known_city(city: str, what: str = "city") -> str:
         near = close_city(city)
         if near:  # the way back for a caller that misspelled a name it was given
             raise ToolError(f"unknown {what} {city!r}; did you mean {near!r}?")
-        # No example names: a model that learned to retry with the name an error suggests took
-        # "e.g. Oslo, Paris" for a suggestion and answered about Paris (BENCHMARKS.md).
+        # No example names: after "e.g. Oslo, Paris, Tokyo, Sydney" the demo's model answered with
+        # that list, and one trained to retry with a suggested name asked about Paris (BENCHMARKS.md).
         raise ToolError(f"unknown {what} {city!r}: none of the table's {len(CITIES)} cities is spelled like it; "
                         "cities are named in English")
     return city

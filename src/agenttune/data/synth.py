@@ -27,8 +27,6 @@ same bytes. Files written to DIR:
 Agent episodes need 0 tool calls (chit-chat, requests no tool can serve), 1 call, 2 calls in
 sequence (the second call's arguments come from the first result), 2 parallel calls (one
 assistant turn), or span two user turns. Prompts are English or Chinese in both splits.
-Training alone also has ``typo`` episodes: the user misspells a city, the tool's error suggests
-the table's name, and a second call uses it (the way back from an unknown-city error).
 
 The held-out split never shares a prompt phrasing (template id) or an entity (city, product,
 SKU, aisle, date, number) with training: entity pools are partitioned up front
@@ -55,8 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..demo_tools import (CATEGORIES, CITIES, HELDOUT_CANDIDATES, PRODUCTS, TOOLS, TOOLS_BY_NAME, YEAR, close_city,
-                          stable_int)
+from ..demo_tools import CATEGORIES, CITIES, HELDOUT_CANDIDATES, PRODUCTS, TOOLS, TOOLS_BY_NAME, YEAR, stable_int
 from ..inference.agent import run_tool
 from .schema import ToolCall, canonical_json
 from .templates import react_system_prompt
@@ -143,7 +140,7 @@ class Episode:
     needs: list[str]
     """Tools the task uses; the sample offers these plus distractors."""
     entities: dict[str, list] = field(default_factory=dict)
-    """What the prompts name, by kind (cities, dates, numbers, products, skus, categories; typos: a misspelled city)."""
+    """What the prompts name, by kind (cities, dates, numbers, products, skus, categories)."""
     tools: list[str] = field(default_factory=list)
     """The tools offered, in prompt order (set by :func:`offer_tools`)."""
 
@@ -705,47 +702,11 @@ def task_stock_more(ctx: Ctx) -> Episode:
     return first
 
 
-TYPOS = (
-    lambda w, k: w[:k] + w[k + 1:],                    # a letter dropped: Warsw
-    lambda w, k: w[:k] + w[k] + w[k:],                 # a letter doubled: Warrsaw
-    lambda w, k: w[:k - 1] + w[k] + w[k - 1] + w[k + 1:],  # two letters swapped: Wrasaw
-    lambda w, k: w.lower(),                            # no capital: warsaw
-    lambda w, k: w + "a",                              # a letter added: Warsawa
-)
-
-
-def task_typo(ctx: Ctx) -> Episode:
-    """The user misspells the city; the call copies it, the tool's error suggests the table's name,
-    and a second call uses that name. Teaches the way back from an unknown-city error, which a
-    small model meets when it writes a city in pieces it read as one token ("Warsawa")."""
-    for _ in range(1000):
-        city, date = ctx.pick(ctx.pools.cities), ctx.pick(ctx.pools.dates)
-        typo = ctx.pick(TYPOS)(city, ctx.rng.randrange(2, len(city) - 1)) if len(city) > 4 else None
-        if typo and " " not in typo[:3] and typo not in CITIES and close_city(typo) == city:
-            break
-    else:
-        raise RuntimeError("no misspelling of a training city leads back to it; check demo_tools.close_city")
-    tid, text = ctx.phrase("weather")
-    wrong = Call("get_weather", {"city": typo, "date": date}, observe("get_weather", {"city": typo, "date": date}))
-    c, r = call("get_weather", city=city, date=date)
-    steps = [Step(f"I need the weather in {typo} on {date}.", [wrong]), Step(f"The tool suggests {city}.", [c])]
-    turn = Turn(text.format(city=typo, date=date), steps,
-                answer("weather", ctx.lang, city=city, date=date, **_weather_fields(r)))
-    # The prompt names the misspelling, not the city (a training one, named by the tool's error).
-    return Episode("typo", ctx.lang, [tid], [turn], ["get_weather"], {"typos": [typo], "dates": [date]})
-
-
 @dataclass(frozen=True)
 class Task:
     build: Callable[[Ctx], Episode]
     weight: float
-    """Relative frequency in a split; 0 leaves the task out of the held-out split."""
-    train_weight: float | None = None
-    """Relative frequency in training where it differs from ``weight``. The held-out split keeps
-    ``weight``, so its files do not change with this."""
-
-    def weight_in(self, split: str) -> float:
-        return self.train_weight if split == "train" and self.train_weight is not None else self.weight
+    """Relative frequency in a split."""
 
 
 TASKS: dict[str, Task] = {
@@ -757,8 +718,6 @@ TASKS: dict[str, Task] = {
     "weather_pair": Task(task_weather_pair, 7), "price_pair": Task(task_price_pair, 5),
     "weather_more": Task(task_weather_more, 5), "calc_more": Task(task_calc_more, 4),
     "stock_more": Task(task_stock_more, 4),
-    # Training only: the held-out split measures the tasks above, as it always has.
-    "typo": Task(task_typo, 0, 3),
 }
 
 
@@ -782,8 +741,8 @@ def agent_episodes(n: int, split: str, seed: int, distractors: int = DISTRACTORS
     each appears whenever n allows; the rest are drawn by task weight."""
     rng = random.Random(f"{seed}:agent:{split}")
     pools = agent_pools(split)
-    names = [name for name in TASKS if TASKS[name].weight_in(split) > 0]
-    weights = [TASKS[name].weight_in(split) for name in names]
+    names = list(TASKS)
+    weights = [TASKS[name].weight for name in names]
     cycle = [(name, lang) for name in names for lang in LANGS]
     episodes: list[Episode] = []
     seen: set[str] = set()
