@@ -141,6 +141,20 @@ def test_final_answers_quote_the_observations(out):
         assert str(last[value]) in m["gold"], r["meta"]["id"]
 
 
+def test_flights_answers_quote_the_count_and_the_first_flight(out):
+    """search_flights lists the cheapest first and counts its flights; the answer reads both."""
+    answers = 0
+    for r in lines(out / "agent_train.sharegpt.jsonl"):
+        if r["meta"]["task"] != "flights":
+            continue
+        result = json.loads([t["value"] for t in r["conversations"] if t["from"] == "observation"][-1])
+        cheapest, gold = result["flights"][0], r["meta"]["gold"]
+        assert result["count"] == len(result["flights"]) and cheapest["price"] == min(f["price"] for f in result["flights"])
+        assert f"{result['count']} " in gold and cheapest["flight"] in gold and f"{cheapest['price']}" in gold, gold
+        answers += 1
+    assert answers >= 3
+
+
 # ----------------------------------------------------------------------------- what the set covers
 
 
@@ -168,6 +182,9 @@ def test_turns_that_need_no_tool_are_many_and_varied():
         for lang in synth.LANGS:
             train, held = synth.PHRASES[kind][lang]["train"], synth.PHRASES[kind][lang]["heldout"]
             assert len(set(train)) == len(train) >= 16 and not set(train) & set(held), (kind, lang)
+    for lang in synth.LANGS:  # a city and a date in a request do not make it one for a tool
+        framed = [p for p in synth.PHRASES["cannot"][lang]["train"] if "{city}" in p and "{date}" in p]
+        assert len(framed) >= 6, (lang, framed)
     greetings = {ep.turns[0].user for ep in episodes if ep.task == "greet"}
     assert len(greetings) >= 40
 

@@ -407,8 +407,9 @@ def get_product(sku: str) -> dict:
 
 
 def search_flights(origin: str, destination: str, date: str) -> dict:
-    """Two or three flights for any route between known cities on a day of the table's year;
-    prices are distinct, so "the cheapest flight" always has one answer."""
+    """Two or three flights for any route between known cities on a day of the table's year,
+    cheapest first and counted, as fare search APIs list them; prices are distinct, so "the
+    cheapest flight" always has one answer."""
     _known_city(origin, "origin")
     _known_city(destination, "destination")
     if origin == destination:
@@ -418,7 +419,7 @@ def search_flights(origin: str, destination: str, date: str) -> dict:
     count = 2 + h % 2
     base = 90 + (stable_int("route", *sorted((origin, destination))) % 60) * 10
     # Fares 40 apart plus a jitter under 40 are distinct; rotating them over the departures
-    # puts the cheapest flight at any position.
+    # makes the cheapest flight any of the day's departures, not always the earliest.
     fares = [base + 40 * k + stable_int("fare", origin, destination, date, k) % 8 * 5 for k in range(count)]
     shift = (h // 2) % count
     flights = []
@@ -426,7 +427,7 @@ def search_flights(origin: str, destination: str, date: str) -> dict:
         hi = stable_int("flight", origin, destination, date, i)
         flights.append({"flight": f"AT{100 + hi % 900}", "depart": f"{6 + 5 * i + hi % 4:02d}:{(hi // 4) % 4 * 15:02d}",
                         "price": fares[(i + shift) % count]})
-    return {"flights": flights}
+    return {"count": count, "flights": sorted(flights, key=lambda f: f["price"])}
 
 
 # ----------------------------------------------------------------------------- the tool list
@@ -461,7 +462,7 @@ TOOLS: list[Tool] = [
          search_products),
     Tool("get_product", "Price and stock of a product",
          _params({"sku": {"type": "string", "pattern": r"^[A-Z]{2}-\d{3}$"}}, ["sku"]), get_product),
-    Tool("search_flights", f"Flights between two cities on a day of {YEAR}",
+    Tool("search_flights", f"Flights between two cities on a day of {YEAR}, cheapest first",
          _params({"origin": CITY, "destination": CITY, "date": DATE}, ["origin", "destination", "date"]),
          search_flights),
 ]
