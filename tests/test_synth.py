@@ -182,9 +182,6 @@ def test_turns_that_need_no_tool_are_many_and_varied():
         for lang in synth.LANGS:
             train, held = synth.PHRASES[kind][lang]["train"], synth.PHRASES[kind][lang]["heldout"]
             assert len(set(train)) == len(train) >= 16 and not set(train) & set(held), (kind, lang)
-    for lang in synth.LANGS:  # a city and a date in a request do not make it one for a tool
-        framed = [p for p in synth.PHRASES["cannot"][lang]["train"] if "{city}" in p and "{date}" in p]
-        assert len(framed) >= 6, (lang, framed)
     greetings = {ep.turns[0].user for ep in episodes if ep.task == "greet"}
     assert len(greetings) >= 40
 
