@@ -27,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from agenttune.attention import PACKED_SDPA, use_packed_sdpa
-from agenttune.config import Config, to_config
+from agenttune.config import Config, ConfigError, to_config
 from agenttune.cpu import keep_freed_memory
 from agenttune.data.pipeline import build_datasets
+from agenttune.data.schema import DataErrors
 from agenttune.modeling import build_model, build_tokenizer, count_parameters
 from agenttune.training import (
     TimeBudget,
@@ -80,6 +81,11 @@ def train(cfg: Config) -> TrainState:
     model = build_model(cfg.model, cfg.tuner, cfg.hardware)
     if cfg.train.packing and use_packed_sdpa(model):
         log.info("packed rows: sdpa runs once per sample (%s), not over the whole row", PACKED_SDPA)
+    elif cfg.train.share_prefixes:
+        raise ConfigError(
+            f"train.share_prefixes: the model attends with {cfg.model.attn_implementation or 'its default'} "
+            "attention, and only sdpa follows a packed row's prefix tree; set model.attn_implementation=sdpa "
+            "or train.share_prefixes=false")
     total_steps = cfg.train.total_steps(len(data.train))
     optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps, world)
@@ -186,7 +192,11 @@ def train(cfg: Config) -> TrainState:
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     export_submitit_env()  # sweep=slurm: one Slurm task per GPU, started without torchrun
-    train(to_config(dcfg))
+    try:
+        train(to_config(dcfg))
+    except (ConfigError, DataErrors) as err:  # what the user can fix: one message, no traceback
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def rank_zero_only_hydra(argv: list[str]) -> list[str]:

@@ -126,7 +126,8 @@ def test_train_py_stops_at_start_naming_the_bad_key(tmp_path):
     proc = subprocess.run([sys.executable, str(TRAIN_PY), "train.micro_batch_size=0", f"output_dir={tmp_path / 'o'}"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "train.micro_batch_size: must be >= 1, got 0" in proc.stderr
+    assert "train.py: error: train.micro_batch_size: must be >= 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 

@@ -28,6 +28,8 @@ from agenttune.training import (
     micro_batches,
     model_inputs,
     pack,
+    pack_shared,
+    shareable_length,
     source_nll,
     split_bins,
     step_rows,
@@ -178,6 +180,69 @@ def test_packed_padded_and_grouped_steps_give_the_same_loss_and_gradients(tuner)
         assert result.loss_general == pytest.approx(r0.loss_general, rel=1e-6)
         assert (result.trained_tokens, result.tokens) == (r0.trained_tokens, r0.tokens)
         assert_close_grads(grads, reference, rtol=1e-4, atol=1e-7)
+
+
+def prefixed_dataset(n: int, seed: int):
+    """synthetic rows behind a few shared untrained prefixes (a system turn, then one of three
+    tool listings), as agent samples are; some prefixes run into a row's trained tokens."""
+    rng = random.Random(seed)
+    system, listings = [rng.randrange(1, 700) for _ in range(12)], [[rng.randrange(1, 700) for _ in range(k)] for k in (5, 9, 3)]
+    rows = synthetic_rows(n, seed, vocab=700, max_len=30)
+    for i in range(n):
+        head = system + listings[i % 3] if i % 4 else system[:7]
+        rows["input_ids"][i] = head + rows["input_ids"][i]
+        rows["labels"][i] = [IGNORE] * len(head) + rows["labels"][i]
+        rows["weights"][i] = [0.0] * len(head) + rows["weights"][i]
+        rows["length"][i] = len(rows["input_ids"][i])
+    rows["labels"][1] = list(rows["input_ids"][1])  # trained from its first token: shares nothing
+    rows["weights"][1] = [1.0] * len(rows["input_ids"][1])
+    import datasets
+    return datasets.Dataset.from_dict(rows)
+
+
+@pytest.mark.parametrize("extra", [(), ("hardware.gradient_checkpointing=true",)])
+def test_shared_prefix_rows_give_the_same_loss_and_gradients_in_fewer_tokens(extra):
+    dataset = prefixed_dataset(24, seed=7)
+    config = dict(global_batch_size=8, packing=True, max_tokens_per_batch=200)
+    packed = micro_batches(dataset, 1, TrainConfig(**config), 0, 1, PAD)
+    shared = micro_batches(dataset, 1, TrainConfig(**config, share_prefixes=True), 0, 1, PAD)
+    assert len(shared) == len(packed) >= 2
+    assert sum(b["input_ids"].numel() for b in shared) < 0.8 * sum(b["input_ids"].numel() for b in packed)
+    reference, r0 = step_grads(packed, "full", extra=extra, per_sample=True)
+    grads, result = step_grads(shared, "full", extra=extra, per_sample=True)
+    assert result.loss == pytest.approx(r0.loss, rel=1e-5)
+    assert result.loss_agent == pytest.approx(r0.loss_agent, rel=1e-5)
+    assert result.loss_general == pytest.approx(r0.loss_general, rel=1e-5)
+    assert result.trained_tokens == r0.trained_tokens and result.tokens < r0.tokens
+    assert_close_grads(grads, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_pack_shared_lays_each_prefix_out_once_and_keeps_every_trained_token():
+    I = IGNORE
+    rows = {"input_ids": [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 9], [1, 2, 7, 8], [5, 5]],
+            "labels": [[I, I, I, I, 5, 6], [I, I, I, I, 9], [I, I, 7, 8], [I, 5]],
+            "weights": [[0, 0, 0, 0, 1, 2], [0, 0, 0, 0, 1], [0, 0, 1, 1], [0, 1.0]], "source": [0, 0, 1, 1]}
+    assert [shareable_length(labels) for labels in rows["labels"]] == [3, 3, 1, 0]
+    batch = pack_shared(rows)
+    # [1 2 3] once for the first two rows; the third shares only 1: its 2 predicts a trained 7.
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 9, 9, 2, 7, 8, 5, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 1, 2, 3, 0, 1]]
+    assert batch["targets"].tolist() == [[I, I, I, 5, 6, I, 9, I, 7, 8, I, 5, I]]
+    assert batch["target_weights"].tolist() == [[0, 0, 0, 1, 2, 0, 1, 0, 1, 1, 0, 1, 0]]
+    # nodes [start, end, parent]: 1 | 2 3 | 4 5 6 | 9 9 | 2 7 8 | 5 5
+    assert batch["prefix_nodes"].tolist() == [[0, 1, -1], [1, 3, 0], [3, 6, 1], [6, 8, 1], [8, 11, 0], [11, 13, -1]]
+    def trained(b):
+        return sorted((t, w) for t, w in zip(b["targets"][0].tolist(), b["target_weights"][0].tolist()) if t != I)
+    assert trained(batch) == trained(pack(rows))
+
+
+def test_shared_prefixes_need_packing_and_sdpa(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="train.share_prefixes: .*train.packing=true"):
+        TrainConfig(share_prefixes=True)
+    args = ["train.max_steps=1", "train.global_batch_size=4", "train.packing=true", "train.share_prefixes=true",
+            "model.attn_implementation=eager", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="train.share_prefixes: the model attends with eager attention"):
+        train_in_process(args, monkeypatch, data={"train": 8, "eval": 0, "max_len": 40})
 
 
 def test_grouping_sorts_the_share_longest_first():
@@ -417,7 +482,7 @@ def test_train_py_switches_to_per_sample_sdpa_only_when_packing(tmp_path, monkey
     seen = []
 
     def record(module, args, kwargs):
-        seen.append((module.config._attn_implementation, "cu_seq_lens_q" in kwargs))
+        seen.append((module.config._attn_implementation, "cu_seq_lens_q" in kwargs or "prefix_nodes" in kwargs))
 
     def build_and_watch(*args, **kwargs):
         model = build_model(*args, **kwargs)
@@ -431,3 +496,7 @@ def test_train_py_switches_to_per_sample_sdpa_only_when_packing(tmp_path, monkey
         train_in_process(args + [f"train.packing={packing}", f"output_dir={tmp_path / str(packing)}"],
                          monkeypatch, data=data, replace={"build_model": build_and_watch})
         assert seen and set(seen) == ({(PACKED_SDPA, True)} if packing else {("sdpa", False)})
+    seen.clear()  # with shared prefixes the row's tree reaches the attention
+    train_in_process(args + ["train.packing=true", "train.share_prefixes=true", f"output_dir={tmp_path / 'shared'}"],
+                     monkeypatch, data=data, replace={"build_model": build_and_watch})
+    assert seen and set(seen) == {(PACKED_SDPA, True)}

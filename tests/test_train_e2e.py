@@ -326,6 +326,20 @@ def test_default_command_trains_on_the_demo_data(tmp_path):
     assert "train:" in proc.stderr  # the tqdm progress bar
 
 
+def test_a_bad_record_stops_train_py_with_its_line_and_no_traceback(tmp_path):
+    bad = tmp_path / "agent.jsonl"
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    wrong = {"conversations": [{"from": "wizard", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps(wrong) + "\n")
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), f"output_dir={tmp_path / 'o'}", "train.max_steps=1",
+                           f"data.datasets=[{{path:{bad},format:sharegpt,source:agent}}]"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "train.py: error: 1 bad record(s) in the training data:" in proc.stderr, proc.stderr[-3000:]
+    assert f"{bad}:2: " in proc.stderr and "wizard" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_building_the_tiny_model_leaves_the_rng_alone(monkeypatch, tmp_path):
     """A run that builds the tiny model cache must start exactly like one that finds it."""
     from agenttune.modeling import resolve_model_path

@@ -11,6 +11,9 @@ forward carries ``cu_seq_lens_q`` (training.model_inputs passes them for packed 
 causal sdpa on each sample's slice of the row: Σ l² scores, and the mask-free causal kernel. Any
 other call (padded batches, generation) goes to transformers' own sdpa unchanged.
 
+A row packed with shared prefixes (training.pack_shared) carries ``prefix_nodes`` instead: each
+node of its prefix tree attends to its own tokens causally and to all of its ancestors' tokens.
+
 The choice lives only on the loaded model: transformers never writes ``_attn_implementation`` to
 config.json, so a saved model loads with stock ``from_pretrained``.
 """
@@ -33,13 +36,55 @@ def sample_bounds(cu_seq_lens: torch.Tensor) -> list[int]:
     return _bounds[1]
 
 
+_tree: tuple[torch.Tensor | None, list[tuple[int, int, list[tuple[int, int]]]]] = (None, [])
+
+
+def tree_spans(prefix_nodes: torch.Tensor) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Per node of a shared-prefix row: (start, end, its ancestors' (start, end) spans, root
+    first). Read once per forward, as sample_bounds."""
+    global _tree
+    if _tree[0] is not prefix_nodes:
+        nodes = prefix_nodes.tolist()
+        spans = []
+        for start, end, parent in nodes:
+            above = spans[parent][2] + [(nodes[parent][0], nodes[parent][1])] if parent >= 0 else []
+            spans.append((start, end, above))
+        _tree = (prefix_nodes, spans)
+    return _tree[1]
+
+
+def _tree_sdpa(module, query, key, value, prefix_nodes, dropout, scaling):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pieces = []
+    for start, end, above in tree_spans(prefix_nodes):
+        if not above:
+            pieces.append(sdpa_attention_forward(
+                module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
+                dropout=dropout, scaling=scaling, is_causal=True)[0])
+            continue
+        spans = above + [(start, end)]
+        keys = torch.cat([key[:, :, a:b] for a, b in spans], dim=2)
+        values = torch.cat([value[:, :, a:b] for a, b in spans], dim=2)
+        own, before = end - start, keys.shape[2] - (end - start)
+        mask = torch.ones(own, before + own, dtype=torch.bool, device=query.device)
+        mask[:, before:] = torch.ones(own, own, dtype=torch.bool, device=query.device).tril()
+        pieces.append(sdpa_attention_forward(
+            module, query[:, :, start:end], keys, values, mask[None, None],
+            dropout=dropout, scaling=scaling, is_causal=False)[0])
+    return torch.cat(pieces, dim=1), None
+
+
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """query (1, heads, N, head_dim), key and value (1, kv_heads, N, head_dim) for a packed row;
     returns (1, N, heads, head_dim) as transformers' sdpa does."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.pop("cu_seq_lens_q", None)
+    prefix_nodes = kwargs.pop("prefix_nodes", None)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if prefix_nodes is not None and causal and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
+        return _tree_sdpa(module, query, key, value, prefix_nodes, dropout, scaling)
     if bounds is None or not causal or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     bounds = sample_bounds(bounds)

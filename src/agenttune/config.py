@@ -182,6 +182,11 @@ class TrainConfig:
     the same on every rank; micro_batch_size only sizes eval batches. Not with DeepSpeed."""
     max_tokens_per_batch: int = 4096
     """With packing: tokens in one micro-batch (one packed row). Must hold the longest sample."""
+    share_prefixes: bool = False
+    """With packing: lay out once the untrained prefix that samples of a row have in common (the
+    system turn, the tool listing), as a prefix tree the attention follows; the loss is the same
+    up to float rounding. Needs sdpa attention (not flash-attention, whose varlen kernel knows no
+    trees): the demo's rows are about 18% shorter."""
     group_by_length: bool = False
     """Without packing: sort each process's share of a step by length before cutting it into
     micro_batch_size pieces, so similar lengths share a batch and padding drops."""
@@ -206,6 +211,8 @@ class TrainConfig:
         _require(self.max_tokens_per_batch >= 2, "train.max_tokens_per_batch", f"must be >= 2, got {self.max_tokens_per_batch}")
         _require(not (self.packing and self.group_by_length), "train.group_by_length",
                  "applies to unpacked batches; with train.packing=true the bins are already filled by length")
+        _require(self.packing or not self.share_prefixes, "train.share_prefixes",
+                 "shares prefixes inside packed rows: set train.packing=true too")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches each process runs per optimizer step."""

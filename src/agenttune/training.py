@@ -168,14 +168,17 @@ def collate(rows: dict[str, list], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def pack(rows: dict[str, list]) -> dict[str, torch.Tensor]:
+def pack(rows: dict[str, list], share_prefixes: bool = False) -> dict[str, torch.Tensor]:
     """Concatenate whole samples into one row with no padding.
 
     Position ids restart at 0 for each sample, and no attention mask is given: from the restarts
     transformers builds per-sample causal attention (masking_utils.find_packed_sequence_indices
     for sdpa and eager, varlen kernels for flash-attention), so samples never see each other.
     A sample's last token predicts nothing: the next token in the row belongs to another sample.
+    ``share_prefixes``: see pack_shared.
     """
+    if share_prefixes:
+        return pack_shared(rows)
     input_ids, position_ids, targets, target_weights, source = [], [], [], [], []
     for i, (ids, labels, weights, src) in enumerate(zip(rows["input_ids"], rows["labels"], rows["weights"], rows["source"])):
         n = len(ids)
@@ -186,17 +189,80 @@ def pack(rows: dict[str, list]) -> dict[str, torch.Tensor]:
         targets += labels[1:] + [IGNORE]
         target_weights += weights[1:] + [0.0]
         source += [src] * n
+    bounds = torch.tensor([0, *itertools.accumulate(len(ids) for ids in rows["input_ids"])], dtype=torch.int32)
+    return packed_row(input_ids, position_ids, targets, target_weights, source, cu_seq_lens=bounds)
+
+
+def packed_row(input_ids, position_ids, targets, target_weights, source, **layout: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One packed row's tensors from its per-token lists, plus how its samples are laid out
+    (``cu_seq_lens`` or ``prefix_nodes``)."""
     batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),  # (1, N)
         "position_ids": torch.tensor([position_ids], dtype=torch.long),  # (1, N)
         "targets": torch.tensor([targets], dtype=torch.long),  # (1, N), -100 where untrained
         "target_weights": torch.tensor([target_weights], dtype=torch.float32),  # (1, N), 0 where untrained
         "source": torch.tensor([source], dtype=torch.long),  # (1, N), per token
-        "cu_seq_lens": torch.tensor([0, *itertools.accumulate(len(ids) for ids in rows["input_ids"])], dtype=torch.int32),
+        **layout,
     }
     if (batch["target_weights"][batch["targets"] == IGNORE] != 0).any():
         raise ValueError("a token with label -100 has a non-zero weight: the data pipeline must zero both together")
     return batch
+
+
+def shareable_length(labels: list[int]) -> int:
+    """Leading positions of a sample that another sample may share: the ones before the
+    position that predicts the first trained token. Sharing them changes no loss term."""
+    first = next((t for t, label in enumerate(labels) if label != IGNORE), len(labels))
+    return max(0, min(first - 1, len(labels) - 1))
+
+
+def pack_shared(rows: dict[str, list]) -> dict[str, torch.Tensor]:
+    """pack, with the untrained prefixes that samples have in common laid out once.
+
+    Agent samples start with the same system turn and tool preamble (the demo's: about 85
+    tokens before the tool listings part ways), and real agent sets often share far more. The
+    row holds a prefix tree: a sample runs down the tree while its tokens match and its
+    positions are shareable (shareable_length), then lays out its own tokens. A shared token
+    sits at the same position in every sample that holds it, so its keys and values are the
+    ones each sample would compute alone, and it predicts no trained token, so the loss is
+    that of pack's row up to float rounding, in fewer tokens.
+
+    ``prefix_nodes`` (K, 3) lists the tree's nodes in row order as [start, end, parent node or
+    -1]: runs of tokens that the same samples hold. A token attends to its own node up to
+    itself and to all of its ancestors' tokens (attention.packed_sdpa).
+    """
+    input_ids, position_ids, targets, target_weights, source = [], [], [], [], []
+    previous, holders = [], []  # per row token: the row index before it in its samples, and who holds it (a bit each)
+    children: dict[tuple[int, int], int] = {}  # (row index of the token before or -1, token id) -> row index
+    for i, (ids, labels, weights, src) in enumerate(zip(rows["input_ids"], rows["labels"], rows["weights"], rows["source"])):
+        n = len(ids)
+        if not n == len(labels) == len(weights):
+            raise ValueError(f"row {i}: input_ids, labels and weights differ in length ({n}, {len(labels)}, {len(weights)})")
+        share, last, t = shareable_length(labels), -1, 0
+        while t < share and (last, ids[t]) in children:
+            last = children[(last, ids[t])]
+            holders[last] |= 1 << i
+            t += 1
+        for t in range(t, n):
+            if t < share:
+                children[(last, ids[t])] = len(input_ids)
+            previous.append(last)
+            holders.append(1 << i)
+            last = len(input_ids)
+            input_ids.append(ids[t])
+            position_ids.append(t)
+            targets.append(labels[t + 1] if t + 1 < n else IGNORE)
+            target_weights.append(weights[t + 1] if t + 1 < n else 0.0)
+            source.append(src)
+    nodes, node_of = [], []
+    for x in range(len(input_ids)):
+        if x == 0 or previous[x] != x - 1 or holders[x] != holders[x - 1]:
+            nodes.append([x, x + 1, node_of[previous[x]] if previous[x] >= 0 else -1])
+        else:
+            nodes[-1][1] = x + 1
+        node_of.append(len(nodes) - 1)
+    return packed_row(input_ids, position_ids, targets, target_weights, source,
+                      prefix_nodes=torch.tensor(nodes, dtype=torch.int32))  # (K, 3)
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -257,7 +323,7 @@ def packed_micro_batches(dataset, rows: list[int], train: TrainConfig, rank: int
     count = max(len(bins) for bins in packed)
     mine = rows[rank * share : (rank + 1) * share]
     bins = split_bins(packed[rank], lengths[rank * share : (rank + 1) * share], count)
-    batches = [pack(dataset[[mine[i] for i in b]]) for b in bins]
+    batches = [pack(dataset[[mine[i] for i in b]], train.share_prefixes) for b in bins]
     if any(b["input_ids"].shape[1] > train.max_tokens_per_batch for b in batches):
         raise ValueError("the training set's length column disagrees with its input_ids: rebuild the dataset cache")
     return batches
@@ -288,6 +354,9 @@ def model_inputs(batch: dict) -> dict:
     each); sdpa and eager ignore them."""
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if "prefix_nodes" in batch:  # pack_shared: only attention.packed_sdpa reads the tree
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
+                "prefix_nodes": batch["prefix_nodes"]}
     bounds = batch["cu_seq_lens"]
     longest = int((bounds[1:] - bounds[:-1]).max())
     return {

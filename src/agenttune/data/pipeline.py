@@ -22,24 +22,11 @@ from pathlib import Path
 from .encode import encode_batch
 from .options import DataConfig, DatasetSpec, SupervisionConfig
 from .readers import read_file
-from .schema import Conversation, DataError
+from .schema import Conversation, DataError, DataErrors
 from .templates import get_template
 
 MAX_LISTED_ERRORS = 20
 SOURCE_IDS = {"agent": 0, "general": 1}
-
-
-class DataErrors(Exception):
-    """Bad records found while loading, listed for the user (at most MAX_LISTED_ERRORS)."""
-
-    def __init__(self, errors: list[DataError], total: int):
-        self.errors, self.total = errors, total
-        lines = [f"{total} bad record(s) in the training data:"] + [f"  {e}" for e in errors]
-        if total > len(errors):
-            lines.append(f"  ... and {total - len(errors)} more")
-        lines.append("Fix them, or set data.on_error=skip to drop them (they are then counted and "
-                     "written to data.rejects_file).")
-        super().__init__("\n".join(lines))
 
 
 @dataclass

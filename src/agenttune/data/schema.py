@@ -30,6 +30,19 @@ class DataError(ValueError):
         super().__init__(text)
 
 
+class DataErrors(Exception):
+    """Bad records found while loading, listed for the user (the first ``len(errors)`` of ``total``)."""
+
+    def __init__(self, errors: list[DataError], total: int):
+        self.errors, self.total = errors, total
+        lines = [f"{total} bad record(s) in the training data:"] + [f"  {e}" for e in errors]
+        if total > len(errors):
+            lines.append(f"  ... and {total - len(errors)} more")
+        lines.append("Fix them, or set data.on_error=skip to drop them (they are then counted and "
+                     "written to data.rejects_file).")
+        super().__init__("\n".join(lines))
+
+
 @dataclass
 class ToolCall:
     name: str
