@@ -54,6 +54,7 @@ from agenttune.training import (
     peak_memory_gb,
     plot_losses,
     preemption_agreed,
+    sampling_groups,
     save_checkpoint,
     save_final,
     truncate_metrics,
@@ -86,6 +87,10 @@ def train(cfg: Config) -> TrainState:
             f"train.share_prefixes: the model attends with {cfg.model.attn_implementation or 'its default'} "
             "attention, and only sdpa follows a packed row's prefix tree; set model.attn_implementation=sdpa "
             "or train.share_prefixes=false")
+    groups = sampling_groups(data.train, cfg.train.sampler)
+    if groups is not None:
+        log.info("train.sampler=balanced: %d sampling groups, spread evenly over each epoch (data_report.json "
+                 "counts them)", len(set(groups)))
     total_steps = cfg.train.total_steps(len(data.train))
     optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps, world)
@@ -123,7 +128,7 @@ def train(cfg: Config) -> TrainState:
     last = state.step >= total_steps or (budget is not None and state.train_seconds >= budget.limit_s)
     while not last:
         t0 = time.perf_counter()
-        batches = micro_batches(data.train, state.step, cfg.train, rank, world, tokenizer.pad_token_id)
+        batches = micro_batches(data.train, state.step, cfg.train, rank, world, tokenizer.pad_token_id, groups)
         result = forward_backward(accelerator, model, batches, cfg.loss)
         grad_norm = clip_gradients(accelerator, model, cfg.train.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this update uses

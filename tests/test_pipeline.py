@@ -31,7 +31,7 @@ def test_build_datasets_columns_sources_and_split(tmp_path, tiny_tokenizer):
                       eval_ratio=0.2)
     bundle = build_datasets(data, "qwen", tiny_tokenizer)
     assert len(bundle.train) == 16 and len(bundle.eval) == 4
-    assert set(bundle.train.column_names) == {"input_ids", "labels", "weights", "source", "length"}
+    assert set(bundle.train.column_names) == {"input_ids", "labels", "weights", "source", "length", "group"}
     assert sorted(set(bundle.train["source"]) | set(bundle.eval["source"])) == [0, 1]
     row = bundle.train[0]
     assert len(row["input_ids"]) == len(row["labels"]) == len(row["weights"]) == row["length"]
@@ -49,6 +49,35 @@ def test_sampling_counts_set_the_mix(tmp_path, tiny_tokenizer):
                       eval_ratio=0.0)
     bundle = build_datasets(data, "chatml", tiny_tokenizer)
     assert sorted(bundle.train["source"]) == [0] * 6 + [1] * 2
+
+
+def test_balance_by_names_each_rows_sampling_group(tmp_path, tiny_tokenizer):
+    tagged = [dict(AGENT, meta={"task": task, "lang": lang, "n": 3}) for task, lang in [("a", "en"), ("b", "zh"), ("a", "en")]]
+    data = DataConfig(datasets=[DatasetSpec(jsonl(tmp_path / "a.jsonl", tagged), balance_by=["meta.task", "meta.lang"]),
+                                DatasetSpec(jsonl(tmp_path / "n.jsonl", tagged[:1]), balance_by=["meta.n"]),
+                                DatasetSpec(jsonl(tmp_path / "g.jsonl", [GENERAL] * 2), source="general")],
+                      eval_ratio=0.0)
+    bundle = build_datasets(data, "qwen", tiny_tokenizer)
+    assert bundle.train["group"] == ["agent/a/en", "agent/b/zh", "agent/a/en", "agent/3", "general", "general"]
+    assert bundle.report["train_groups"] == {"agent/3": 1, "agent/a/en": 2, "agent/b/zh": 1, "general": 2}
+
+
+def test_a_record_without_a_balance_by_field_is_an_error_naming_its_line(tmp_path, tiny_tokenizer):
+    records = [dict(AGENT, meta={"task": "a"}), AGENT, dict(AGENT, meta={"task": {"kind": "a"}}), dict(AGENT, meta=[])]
+    path = jsonl(tmp_path / "a.jsonl", records)
+    with pytest.raises(DataErrors) as err:
+        build_datasets(DataConfig(datasets=[DatasetSpec(path, balance_by=["meta.task"])]), "qwen", tiny_tokenizer)
+    text = str(err.value)
+    assert "3 bad record(s)" in text
+    assert f"{path}:2: the record has no field `meta.task`, which the dataset's balance_by names" in text
+    assert f'{path}:3: `meta.task` is {{"kind": "a"}}, not a name for a sampling group' in text
+    assert f"{path}:4: the record has no field `meta.task`" in text
+
+
+@pytest.mark.parametrize("key", ["", "meta..task", ".task"])
+def test_balance_by_must_be_field_paths(key):
+    with pytest.raises(ValueError, match="balance_by"):
+        DatasetSpec("x.jsonl", balance_by=[key])
 
 
 def test_explicit_eval_files(tmp_path, tiny_tokenizer):

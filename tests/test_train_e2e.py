@@ -118,6 +118,27 @@ def test_qlora_on_cpu_fails_clearly(monkeypatch, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("sampler", ["shuffle", "balanced"])
+def test_the_loop_trains_the_rows_of_train_sampler(sampler, monkeypatch, tmp_path):
+    """24 synthetic rows, agent:general = 2:1, in steps of 3 rows: balanced gives every step 2 + 1."""
+    seen = []  # per step: (agent rows, general rows)
+
+    def spy(*args, **kwargs):
+        batches = training.micro_batches(*args, **kwargs)
+        sources = torch.cat([b["source"] for b in batches]).tolist()
+        seen.append((sources.count(training.AGENT), len(sources) - sources.count(training.AGENT)))
+        return batches
+
+    args = [f"output_dir={tmp_path}", "train.max_steps=8", "train.micro_batch_size=1", "train.global_batch_size=3",
+            "train.eval_steps=8", "train.save_steps=8", f"train.sampler={sampler}"]
+    train_in_process(args, monkeypatch, data={"train": 24, "eval": 0}, replace={"micro_batches": spy})
+    assert len(seen) == 8 and sum(a for a, _ in seen) == 16  # one epoch: every row once
+    if sampler == "balanced":
+        assert seen == [(2, 1)] * 8
+    else:  # the seed's shuffle draws steps off the mix
+        assert (2, 1) in seen and set(seen) != {(2, 1)}
+
+
 # ----------------------------------------------------------------------------- non-finite guard
 
 

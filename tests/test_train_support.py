@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train.py"
 CONF_DIR = ROOT / "conf"
 TESTS_DIR = Path(__file__).resolve().parent
-COLUMNS = ("input_ids", "labels", "weights", "source", "length")
+COLUMNS = ("input_ids", "labels", "weights", "source", "length", "group")
 
 # Settings that keep a tiny-model run to seconds; eval and save are set per test.
 FAST = [
@@ -75,6 +75,7 @@ def synthetic_rows(n: int, seed: int, vocab: int, min_len: int = 6, max_len: int
         rows["weights"].append(weights)
         rows["source"].append(i % 3 % 2)  # agent, general, agent, agent, general, agent, ...: a 2:1 mix
         rows["length"].append(length)
+        rows["group"].append(("agent", "general")[i % 3 % 2])  # no balance_by: the group is the source
     return rows
 
 
@@ -286,3 +287,52 @@ def test_step_rows_cover_each_epoch_once_and_ignore_batch_layout():
     assert stream[:10] != stream[10:], "each epoch is reshuffled"
     assert step_rows(n, 3, batch, seed=1) == step_rows(n, 3, batch, seed=1)
     assert step_rows(n, 0, batch, seed=1) != step_rows(n, 0, batch, seed=2)
+
+
+def largest_drift(order, groups, level):
+    """Over every prefix of ``order``, the largest gap between a group's count (its path cut to
+    ``level`` parts) and its share of the prefix."""
+    labels = ["/".join(groups[row].split("/")[:level]) for row in order]
+    drift = 0.0
+    for label in set(labels):
+        share, count = labels.count(label) / len(labels), 0
+        for k, other in enumerate(labels, 1):
+            count += other == label
+            drift = max(drift, abs(count - k * share))
+    return drift
+
+
+def test_balanced_sampler_spreads_sources_then_tasks_then_languages_evenly():
+    from agenttune.training import step_rows
+
+    names = ["agent/a/en"] * 18 + ["agent/a/zh"] * 12 + ["agent/b/en"] * 10 + ["agent/b/zh"] * 10 + \
+            ["agent/c/en"] * 10 + ["general"] * 60
+    for seed in range(10):
+        groups = tuple(random.Random(seed).sample(names, len(names)))  # the rows of a group are scattered
+        n = len(groups)
+        stream = [r for step in range(2 * n // 8) for r in step_rows(n, step, 8, seed, groups)]  # 2 epochs
+        shuffled = [r for step in range(n // 8) for r in step_rows(n, step, 8, seed)]
+        for epoch in (stream[:n], stream[n:]):
+            assert sorted(epoch) == list(range(n)), "each epoch visits every row once"
+            for step in range(0, n, 8):  # sources 1:1, so every step holds exactly 4 of each
+                assert sum(groups[r] == "general" for r in epoch[step : step + 8]) == 4
+            agent = [r for r in epoch if groups[r] != "general"]
+            assert largest_drift(agent, groups, 2) <= 1.0  # tasks a:b:c = 3:2:1 over every stretch
+            assert largest_drift(agent, groups, 3) <= 1.5  # and each task's languages
+        assert stream[:n] != stream[n:], "each epoch is ordered afresh"
+        assert largest_drift(shuffled, groups, 1) >= 2.0  # what a plain shuffle does to the sources
+    groups = tuple(names)
+    assert step_rows(len(names), 2, 8, 0, groups) == step_rows(len(names), 2, 8, 0, groups)
+    assert step_rows(len(names), 2, 8, 0, groups) != step_rows(len(names), 2, 8, 1, groups)
+    with pytest.raises(ValueError, match="3 sampling groups for 4 rows"):
+        step_rows(4, 0, 2, 0, ("agent", "agent", "general"))
+
+
+def test_sampling_groups_reads_the_group_column_only_for_the_balanced_sampler():
+    from agenttune.training import sampling_groups
+
+    table = datasets.Dataset.from_dict({"length": [3, 4], "group": ["agent/x", "general"]})
+    assert sampling_groups(table, "shuffle") is None
+    assert sampling_groups(table, "balanced") == ("agent/x", "general")
+    with pytest.raises(ValueError, match="group column"):
+        sampling_groups(table.remove_columns("group"), "balanced")

@@ -27,6 +27,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 STRATEGIES = ("ddp", "deepspeed", "fsdp")
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 ON_NONFINITE = ("stop", "skip")
+SAMPLERS = ("shuffle", "balanced")
 LOSS_IMPLS = ("auto", "chunked", "logits", "liger")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -175,6 +176,13 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     """stop: raise when the loss or gradient norm is NaN/inf; skip: drop that update and go on."""
     seed: int = 42
+    sampler: str = "shuffle"
+    """The row order of an epoch. shuffle: a uniform shuffle, so a step's agent/general mix
+    varies around the data's (8 samples of a half-and-half mix: 4 ± 1.4 agent). balanced: each
+    sampling group is spread evenly over the epoch, so every stretch of steps holds each group in
+    proportion to its size. The groups are the sources (agent, general), split further by the
+    values of a dataset's ``balance_by`` fields (e.g. the task of each record). Either way an
+    epoch visits every row once, and the order is a pure function of the seed."""
     packing: bool = False
     """Concatenate each process's share of a step into micro-batches of at most
     max_tokens_per_batch tokens (best-fit decreasing), with no padding. Samples never attend to
@@ -208,6 +216,7 @@ class TrainConfig:
         _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         _one_of("train.scheduler", self.scheduler, SCHEDULERS)
         _one_of("train.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        _one_of("train.sampler", self.sampler, SAMPLERS)
         _require(self.max_tokens_per_batch >= 2, "train.max_tokens_per_batch", f"must be >= 2, got {self.max_tokens_per_batch}")
         _require(not (self.packing and self.group_by_length), "train.group_by_length",
                  "applies to unpacked batches; with train.packing=true the bins are already filled by length")

@@ -120,20 +120,66 @@ def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def sample_order(num_samples: int, epoch: int, seed: int) -> tuple[int, ...]:
-    """The shuffled row order of one epoch; a pure function of (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(num_samples, generator=generator).tolist())
+def sample_order(num_samples: int, epoch: int, seed: int, groups: tuple[str, ...] | None = None) -> tuple[int, ...]:
+    """The row order of one epoch; a pure function of (seed, epoch, groups).
+
+    ``groups`` None: a uniform shuffle (train.sampler=shuffle). Else ``groups[row]`` names the
+    row's sampling group, a path such as ``agent/weather/en`` (train.sampler=balanced), and every
+    level of the paths is spread evenly over the epoch: the sources, then within a source its
+    tasks, then within a task its languages. So any stretch of the epoch holds each group about in
+    proportion to its size, where a shuffle gives binomial noise (see interleave_evenly).
+    """
+    if groups is None:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return tuple(torch.randperm(num_samples, generator=generator).tolist())
+    if len(groups) != num_samples:
+        raise ValueError(f"{len(groups)} sampling groups for {num_samples} rows")
+    rng = np.random.default_rng([seed, epoch])
+    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    rows_of = [np.flatnonzero(index == g) for g in range(len(names))]
+    paths = [name.split("/") for name in names]
+
+    def order(members: list[int], depth: int) -> np.ndarray:
+        """The rows of groups ``members``, whose paths agree up to ``depth``, balanced below it."""
+        parts: dict[str, list[int]] = {}
+        for g in members:  # a path that ends here is a part of its own: "" sorts first
+            parts.setdefault(paths[g][depth] if depth < len(paths[g]) else "", []).append(g)
+        return interleave_evenly([
+            rng.permutation(np.concatenate([rows_of[g] for g in part])) if key == "" else order(part, depth + 1)
+            for key, part in sorted(parts.items())
+        ], rng)
+
+    return tuple(order(list(range(len(names))), 0).tolist())
 
 
-def step_rows(num_samples: int, step: int, global_batch: int, seed: int) -> list[int]:
+def interleave_evenly(sequences: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Merge sequences keeping each one's order, each spread evenly over the result: the i-th of
+    a sequence's n items takes a random place in the fraction [i/n, (i+1)/n) of it. Two sequences
+    of equal length thus alternate in random order within each pair of places."""
+    if len(sequences) == 1:
+        return sequences[0]
+    place = np.concatenate([(np.arange(len(seq)) + rng.random(len(seq))) / len(seq) for seq in sequences])
+    return np.concatenate(sequences)[np.argsort(place, kind="stable")]
+
+
+def sampling_groups(dataset, sampler: str) -> tuple[str, ...] | None:
+    """The training set's ``group`` column for train.sampler=balanced; None for shuffle."""
+    if sampler == "shuffle":
+        return None
+    if "group" not in dataset.column_names:
+        raise ValueError("train.sampler=balanced needs the training set's group column: rebuild the dataset cache")
+    return tuple(dataset["group"])
+
+
+def step_rows(num_samples: int, step: int, global_batch: int, seed: int,
+              groups: tuple[str, ...] | None = None) -> list[int]:
     """Rows of optimizer step ``step`` (0-based): positions [step·G, (step+1)·G) of the endless
-    stream epoch 0, epoch 1, ... of shuffled rows. The data position is therefore ``step`` alone,
-    and the rows of a step do not depend on micro-batch size, accumulation or world size."""
+    stream epoch 0, epoch 1, ... of rows in sample_order. The data position is therefore ``step``
+    alone, and the rows of a step do not depend on micro-batch size, accumulation or world size."""
     rows = []
     for position in range(step * global_batch, (step + 1) * global_batch):
         epoch, index = divmod(position, num_samples)
-        rows.append(sample_order(num_samples, epoch, seed)[index])
+        rows.append(sample_order(num_samples, epoch, seed, groups)[index])
     return rows
 
 
@@ -329,12 +375,13 @@ def packed_micro_batches(dataset, rows: list[int], train: TrainConfig, rank: int
     return batches
 
 
-def micro_batches(dataset, step: int, train: TrainConfig, rank: int, world: int, pad_id: int) -> list[dict]:
+def micro_batches(dataset, step: int, train: TrainConfig, rank: int, world: int, pad_id: int,
+                  groups: tuple[str, ...] | None = None) -> list[dict]:
     """The micro-batches this rank runs for optimizer step ``step``: its contiguous share of the
     step's rows, packed (train.packing) or cut into train.micro_batch_size pieces, longest first
     with train.group_by_length. Only the grouping depends on the options, never which rows a
-    step trains, so the data position stays ``step`` alone."""
-    rows = step_rows(len(dataset), step, train.global_batch_size, train.seed)
+    step trains, so the data position stays ``step`` alone. ``groups``: see sampling_groups."""
+    rows = step_rows(len(dataset), step, train.global_batch_size, train.seed, groups)
     if train.packing:
         return packed_micro_batches(dataset, rows, train, rank, world)
     share = len(rows) // world

@@ -70,10 +70,18 @@ class DatasetSpec:
     sample: float | None = None
     """None: use every record once. A number n: draw n records (with replacement when n exceeds
     the file) so mixes like ms-agent : ms-bench = 1 : 2 are set by counts."""
+    balance_by: list[str] = field(default_factory=list)
+    """Fields of each raw record (a dotted path reaches into objects: ``meta.task``) whose values
+    split this file's records into groups for train.sampler=balanced, which spreads every group
+    evenly over each epoch. Empty: the file joins its source's group. A record without one of
+    the fields is a data error."""
 
     def __post_init__(self) -> None:
         _check("format", self.format, FORMATS)
         _check("source", self.source, ("agent", "general"))
+        for key in self.balance_by:
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"balance_by: {key!r} is not a field path like meta.task")
 
 
 @dataclass

@@ -64,7 +64,7 @@ def read_spec(spec: DatasetSpec, placeholders: dict[str, str], report: LoadRepor
               seed: int) -> list[Conversation]:
     convs: list[Conversation] = []
     for path in resolve_path(spec.path):
-        for item in read_file(path, spec.format, spec.source, placeholders):
+        for item in read_file(path, spec.format, spec.source, placeholders, spec.balance_by):
             if isinstance(item, DataError):
                 report.errors[item.kind] += 1
                 report.rejects.append(item)
@@ -104,9 +104,10 @@ def encode_all(convs: list[Conversation], tokenizer, template: str, sup: Supervi
     """Tokenize every conversation. Too-long samples are dropped and counted; a sample with
     no trained token is a data error (never trained silently at zero loss)."""
     tmpl = get_template(template)
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "weights": [], "source": [], "length": []}
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "weights": [], "source": [], "length": [], "group": []}
     for lo in range(0, len(convs), batch_size):
-        for enc in encode_batch(convs[lo : lo + batch_size], tokenizer, tmpl, sup):
+        batch = convs[lo : lo + batch_size]
+        for conv, enc in zip(batch, encode_batch(batch, tokenizer, tmpl, sup)):
             if isinstance(enc, DataError):
                 if enc.kind == "too_long":
                     report.dropped["too_long"] += 1
@@ -120,6 +121,7 @@ def encode_all(convs: list[Conversation], tokenizer, template: str, sup: Supervi
             columns["weights"].append(enc.weights)
             columns["source"].append(SOURCE_IDS[enc.source])
             columns["length"].append(len(enc.input_ids))
+            columns["group"].append(conv.meta.get("group", conv.source))
     return columns
 
 
@@ -149,7 +151,9 @@ def cache_key(data: DataConfig, template: str, tokenizer) -> str:
 
 def build_datasets(data: DataConfig, template: str, tokenizer) -> DataBundle:
     """Read, validate, split and tokenize. Columns: input_ids, labels (unshifted, -100 where
-    untrained), weights (per-token loss weight), source (0 agent, 1 general), length.
+    untrained), weights (per-token loss weight), source (0 agent, 1 general), length, group
+    (the sampling group of train.sampler=balanced: the source, then the values of the dataset's
+    balance_by fields, joined by ``/``).
 
     With ``data.cache`` the result is saved under ``$AGENTTUNE_CACHE/datasets/<key>`` (Arrow,
     via ``datasets.save_to_disk``) and reused while nothing it depends on changes: under
@@ -186,7 +190,7 @@ def build_datasets(data: DataConfig, template: str, tokenizer) -> DataBundle:
     eval_ds = datasets.Dataset.from_dict(eval_cols) if eval_cols["input_ids"] else None
     summary = report.as_dict()
     summary.update(train_samples=len(train_ds), eval_samples=len(eval_ds) if eval_ds is not None else 0,
-                   train_tokens=sum(train_cols["length"]),
+                   train_tokens=sum(train_cols["length"]), train_groups=dict(sorted(Counter(train_cols["group"]).items())),
                    trained_tokens=sum(sum(1 for w in ws if w > 0) for ws in train_cols["weights"]))
     if target is not None:
         save_bundle(target, train_ds, eval_ds, summary)

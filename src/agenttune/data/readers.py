@@ -472,11 +472,27 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, object]]:
         raise DataError(path, "unsupported file type", "use .json (a list of records) or .jsonl", "unknown_format")
 
 
+def group_value(record: dict, key: str, origin: str) -> str:
+    """The value at dotted path ``key`` of a raw record, as a sampling-group name."""
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DataError(origin, f"the record has no field `{key}`, which the dataset's balance_by names",
+                            f"add `{key}` to every record of the file, or remove it from balance_by", "bad_group")
+        value = value[part]
+    if isinstance(value, (dict, list)) or value is None:
+        raise DataError(origin, f"`{key}` is {json.dumps(value)[:60]}, not a name for a sampling group",
+                        "balance_by fields must hold strings, numbers or booleans", "bad_group")
+    return str(value)
+
+
 def read_file(path: str | Path, format: str = "auto", source: str = "agent",
-              placeholders: dict[str, str] | None = None) -> Iterator[Conversation | DataError]:
+              placeholders: dict[str, str] | None = None,
+              balance_by: list[str] = ()) -> Iterator[Conversation | DataError]:
     """Stream a data file as conversations, or DataErrors for records that are wrong.
 
-    The format is ``format`` if given, else detected from each record's shape.
+    The format is ``format`` if given, else detected from each record's shape. ``balance_by``:
+    record fields whose values name the conversation's sampling group (``meta["group"]``).
     """
     if not Path(path).exists():
         raise DataError(str(path), "file not found", "check the dataset path", "missing_file")
@@ -499,6 +515,7 @@ def read_file(path: str | Path, format: str = "auto", source: str = "agent",
                 raise DataError(origin, "a record must be a JSON object", kind="bad_record")
             conv = reader(record, origin)
             conv.origin, conv.source = origin, source
+            conv.meta["group"] = "/".join([source, *(group_value(record, key, origin) for key in balance_by)])
             fill_placeholders(conv, placeholders or {})
             validate(conv)
         except DataError as e:
