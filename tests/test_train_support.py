@@ -279,7 +279,7 @@ def test_collate_rejects_weight_on_an_untrained_token():
 
 
 def test_step_rows_cover_each_epoch_once_and_ignore_batch_layout():
-    from agenttune.training import step_rows
+    from agenttune.training import sample_order, step_rows
 
     n, batch = 10, 4
     stream = [r for step in range(5) for r in step_rows(n, step, batch, seed=1)]  # 20 rows = 2 epochs
@@ -287,6 +287,9 @@ def test_step_rows_cover_each_epoch_once_and_ignore_batch_layout():
     assert stream[:10] != stream[10:], "each epoch is reshuffled"
     assert step_rows(n, 3, batch, seed=1) == step_rows(n, 3, batch, seed=1)
     assert step_rows(n, 0, batch, seed=1) != step_rows(n, 0, batch, seed=2)
+    # a step longer than an epoch: 3 steps of 8 over 3 rows are epochs 0-7 back to back
+    assert sum((step_rows(3, step, 8, seed=1) for step in range(3)), []) == \
+        [r for epoch in range(8) for r in sample_order(3, epoch, 1)]
 
 
 def largest_drift(order, groups, level):

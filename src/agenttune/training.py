@@ -176,10 +176,11 @@ def step_rows(num_samples: int, step: int, global_batch: int, seed: int,
     """Rows of optimizer step ``step`` (0-based): positions [step·G, (step+1)·G) of the endless
     stream epoch 0, epoch 1, ... of rows in sample_order. The data position is therefore ``step``
     alone, and the rows of a step do not depend on micro-batch size, accumulation or world size."""
-    rows = []
-    for position in range(step * global_batch, (step + 1) * global_batch):
-        epoch, index = divmod(position, num_samples)
-        rows.append(sample_order(num_samples, epoch, seed, groups)[index])
+    rows, first = [], step * global_batch
+    for epoch in range(first // num_samples, (first + global_batch - 1) // num_samples + 1):  # one lookup each
+        order = sample_order(num_samples, epoch, seed, groups)
+        start, stop = max(first, epoch * num_samples), min(first + global_batch, (epoch + 1) * num_samples)
+        rows += order[start - epoch * num_samples : stop - epoch * num_samples]
     return rows
 
 
