@@ -92,7 +92,7 @@ def train(cfg: Config) -> TrainState:
         log.info("train.sampler=balanced: %d sampling groups, spread evenly over each epoch (data_report.json "
                  "counts them)", len(set(groups)))
     total_steps = cfg.train.total_steps(len(data.train))
-    optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio)
+    optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio, cfg.hardware.strategy)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps, world)
     schedule = scheduler.lr_lambdas[0] if cfg.train.max_minutes else None  # a ProgressSchedule: the loop moves it
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -28,6 +28,7 @@ STRATEGIES = ("ddp", "deepspeed", "fsdp")
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 ON_NONFINITE = ("stop", "skip")
 SAMPLERS = ("shuffle", "balanced")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
 LOSS_IMPLS = ("auto", "chunked", "logits", "liger")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -161,6 +162,12 @@ class TrainConfig:
     """Applied to matrices only; biases and norm weights are never decayed."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    optimizer_impl: str = "auto"
+    """How torch's AdamW runs its update (the same arithmetic each way). fused: one kernel over
+    all parameters (CPU, CUDA); foreach: batched per-op kernels; for_loop: one parameter at a
+    time. auto: fused where the run is plain data parallel (hardware.strategy ddp, one process or
+    many), as the HF Trainer's default adamw_torch_fused; under DeepSpeed and FSDP, which hand
+    the optimizer sharded parameters, torch's own default."""
     max_grad_norm: float = 0.5
     """Clip the global gradient norm to this; <= 0 disables clipping (the norm is still logged)."""
     scheduler: str = "cosine"
@@ -217,6 +224,7 @@ class TrainConfig:
         _one_of("train.scheduler", self.scheduler, SCHEDULERS)
         _one_of("train.on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _one_of("train.sampler", self.sampler, SAMPLERS)
+        _one_of("train.optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         _require(self.max_tokens_per_batch >= 2, "train.max_tokens_per_batch", f"must be >= 2, got {self.max_tokens_per_batch}")
         _require(not (self.packing and self.group_by_length), "train.group_by_length",
                  "applies to unpacked batches; with train.packing=true the bins are already filled by length")
