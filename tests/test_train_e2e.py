@@ -207,6 +207,12 @@ def test_optimizer_impl_picks_torchs_update_path(impl, strategy, flags):
     assert {k: optimizer.defaults[k] for k in flags} == flags
 
 
+def test_auto_leaves_devices_without_a_fused_kernel_to_torch():
+    assert training.optimizer_impl_flags("auto", "ddp", {"cpu", "cuda"}) == {"fused": True}
+    assert training.optimizer_impl_flags("auto", "ddp", {"mps"}) == {}
+    assert training.optimizer_impl_flags("fused", "ddp", {"mps"}) == {"fused": True}  # asked for: torch decides
+
+
 def test_fused_update_matches_the_per_parameter_one():
     """The fused kernel is the same AdamW: five steps of real gradients through the tiny model
     (matrices decayed, biases and norms not) land on the for-loop path's weights, and a run

@@ -166,8 +166,8 @@ class TrainConfig:
     """How torch's AdamW runs its update (the same arithmetic each way). fused: one kernel over
     all parameters (CPU, CUDA); foreach: batched per-op kernels; for_loop: one parameter at a
     time. auto: fused where the run is plain data parallel (hardware.strategy ddp, one process or
-    many), as the HF Trainer's default adamw_torch_fused; under DeepSpeed and FSDP, which hand
-    the optimizer sharded parameters, torch's own default."""
+    many) with the trained weights on CPU or CUDA, as the HF Trainer's default adamw_torch_fused;
+    elsewhere (DeepSpeed and FSDP hand the optimizer sharded parameters) torch's own default."""
     max_grad_norm: float = 0.5
     """Clip the global gradient norm to this; <= 0 disables clipping (the norm is still logged)."""
     scheduler: str = "cosine"

@@ -783,12 +783,13 @@ def param_groups(model: torch.nn.Module, train: TrainConfig, loraplus_lr_ratio: 
     ]
 
 
-def optimizer_impl_flags(impl: str, strategy: str) -> dict:
+def optimizer_impl_flags(impl: str, strategy: str, devices: set[str]) -> dict:
     """torch.optim.AdamW's fused/foreach arguments for train.optimizer_impl. auto fuses under
-    plain data parallel only: DeepSpeed and FSDP swap in sharded parameters after the optimizer
-    is built. On the demo's CPU the fused update of 42 M fp32 weights takes 24 ms against 126 ms
-    one parameter at a time, torch's CPU default (BENCHMARKS.md)."""
-    if impl == "fused" or (impl == "auto" and strategy == "ddp"):
+    plain data parallel with every trained weight on a CPU or CUDA device: DeepSpeed and FSDP
+    swap in sharded parameters after the optimizer is built. On the demo's CPU the fused update
+    of 42 M fp32 weights takes 24 ms against 126 ms one parameter at a time, torch's CPU
+    default (BENCHMARKS.md)."""
+    if impl == "fused" or (impl == "auto" and strategy == "ddp" and devices <= {"cpu", "cuda"}):
         return {"fused": True}
     if impl in ("foreach", "for_loop"):
         return {"foreach": impl == "foreach"}
@@ -797,9 +798,11 @@ def optimizer_impl_flags(impl: str, strategy: str) -> dict:
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, loraplus_lr_ratio: float | None,
                     strategy: str = "ddp") -> torch.optim.AdamW:
+    groups = param_groups(model, train, loraplus_lr_ratio)
+    devices = {p.device.type for g in groups for p in g["params"]}
     return torch.optim.AdamW(
-        param_groups(model, train, loraplus_lr_ratio), lr=train.lr, betas=tuple(train.betas), eps=train.eps,
-        **optimizer_impl_flags(train.optimizer_impl, strategy),
+        groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+        **optimizer_impl_flags(train.optimizer_impl, strategy, devices),
     )
 
 
