@@ -31,7 +31,7 @@ from agenttune.config import Config, ConfigError, to_config
 from agenttune.cpu import keep_freed_memory
 from agenttune.data.pipeline import build_datasets
 from agenttune.data.schema import DataErrors
-from agenttune.modeling import build_model, build_tokenizer, count_parameters
+from agenttune.modeling import add_neftune, build_model, build_tokenizer, count_parameters
 from agenttune.training import (
     TimeBudget,
     TrainState,
@@ -80,6 +80,8 @@ def train(cfg: Config) -> TrainState:
     with accelerator.main_process_first():  # rank 0 fills the dataset cache, the others read it
         data = build_datasets(cfg.data, cfg.model.template, tokenizer)
     model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    if cfg.train.neftune_alpha:
+        add_neftune(model, cfg.train.neftune_alpha)  # noisy input embeddings in training mode only
     if cfg.train.packing and use_packed_sdpa(model):
         log.info("packed rows: sdpa runs once per sample (%s), not over the whole row", PACKED_SDPA)
     elif cfg.train.share_prefixes:

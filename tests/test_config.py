@@ -100,6 +100,7 @@ def test_unknown_key_or_wrong_type_fails_naming_the_key(override, key):
         ("train.on_nonfinite=ignore", "train.on_nonfinite"),
         ("train.sampler=stratified", "train.sampler"),
         ("train.optimizer_impl=apex", "train.optimizer_impl"),
+        ("train.neftune_alpha=-5", "train.neftune_alpha"),
         ("data.datasets.0.balance_by=[meta..task]", "data"),
         ("wandb.mode=loud", "wandb.mode"),
         ("model.template=vicuna", "model.template"),

@@ -168,6 +168,10 @@ class TrainConfig:
     time. auto: fused where the run is plain data parallel (hardware.strategy ddp, one process or
     many) with the trained weights on CPU or CUDA, as the HF Trainer's default adamw_torch_fused;
     elsewhere (DeepSpeed and FSDP hand the optimizer sharded parameters) torch's own default."""
+    neftune_alpha: float = 0.0
+    """NEFTune: uniform noise in ±alpha/sqrt(L·d) added to the input embeddings while training (L the
+    sample's own length, in a packed row too; d the hidden size). 0: off. The paper's values are
+    5-15; LLaMA-Factory, TRL and ms-swift call it neftune_noise_alpha. See modeling.add_neftune."""
     max_grad_norm: float = 0.5
     """Clip the global gradient norm to this; <= 0 disables clipping (the norm is still logged)."""
     scheduler: str = "cosine"
@@ -215,6 +219,7 @@ class TrainConfig:
                  f"{self.global_batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}")
         _require(self.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0: no time budget), got {self.max_minutes}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.neftune_alpha >= 0, "train.neftune_alpha", f"must be >= 0 (0: off), got {self.neftune_alpha}")
         _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
                  f"must be two numbers in [0, 1), got {list(self.betas)}")

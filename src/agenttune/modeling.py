@@ -114,6 +114,65 @@ def _in_input_dtype(module: torch.nn.Module, args: tuple, output: torch.Tensor) 
     return output.to(args[0].dtype)
 
 
+def add_neftune(model: torch.nn.Module, alpha: float) -> None:
+    """NEFTune (Jain et al., 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetuning"):
+    while the model is in training mode, its input embeddings get uniform noise in
+    ±alpha/sqrt(L·d), with d the hidden size and L the length of the sample the token belongs to.
+    Evaluation, generation and the saved model are untouched.
+
+    transformers' own hook (integrations.neftune, the HF Trainer's) takes L from the tensor's
+    width, the longest sample of a padded batch or a whole packed row: the 8 samples of
+    one of the demo's rows would get sqrt(8) times too little noise. So L is read here from the
+    layout the decoder is called with: a padded batch's attention mask, a packed row's sample
+    boundaries (cu_seq_lens_q), or a shared-prefix row's tree (prefix_nodes), where a token shared
+    by several samples takes the longest one's length."""
+    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
+    layout: dict[str, torch.Tensor] = {}
+
+    def read_layout(module, args, kwargs):
+        if module.training:
+            layout["lengths"] = token_sample_lengths(kwargs)
+
+    def add_noise(module, args, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        lengths = layout.pop("lengths", None)  # (B, T)
+        if lengths is None or lengths.shape != output.shape[:2]:
+            lengths = torch.full(output.shape[:2], float(output.shape[1]), device=output.device)
+        bound = alpha / torch.sqrt(lengths.to(output.device, torch.float32) * output.shape[-1])  # (B, T)
+        noise = torch.empty(output.shape, device=output.device, dtype=torch.float32).uniform_(-1.0, 1.0)
+        return output + (noise * bound[..., None]).to(output.dtype)
+
+    decoder.register_forward_pre_hook(read_layout, with_kwargs=True)
+    model.get_input_embeddings().register_forward_hook(add_noise)
+
+
+def token_sample_lengths(kwargs: dict) -> torch.Tensor | None:
+    """(B, T): the length of the sample each input token belongs to, from the decoder's
+    keyword arguments (training.model_inputs); None when they do not say (the row's width is used)."""
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        return None
+    if kwargs.get("prefix_nodes") is not None:  # (K, 3) [start, end, parent], parents before children
+        nodes = kwargs["prefix_nodes"].tolist()
+        positions = kwargs["position_ids"][0].tolist()
+        longest = [positions[end - 1] + 1 for _, end, _ in nodes]  # a leaf's: its sample's length
+        for k in range(len(nodes) - 1, -1, -1):
+            parent = nodes[k][2]
+            if parent >= 0:
+                longest[parent] = max(longest[parent], longest[k])
+        per_node = torch.tensor(longest, dtype=torch.float32)
+        sizes = torch.tensor([end - start for start, end, _ in nodes])
+        return per_node.repeat_interleave(sizes)[None]
+    if kwargs.get("cu_seq_lens_q") is not None:
+        sizes = (kwargs["cu_seq_lens_q"][1:] - kwargs["cu_seq_lens_q"][:-1]).long()
+        return sizes.float().repeat_interleave(sizes)[None]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.sum(dim=1, keepdim=True).float().clamp_min(1).expand(mask.shape)
+    return None
+
+
 def quantization_config_nf4():
     if not torch.cuda.is_available():
         raise RuntimeError(
