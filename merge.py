@@ -40,6 +40,7 @@ from agenttune.merging import (
     write_generation_config,
 )
 from agenttune.modeling import build_tokenizer, resolve_model_path
+from agenttune.training import free_space_line, is_write_error
 
 log = logging.getLogger("merge")
 
@@ -98,8 +99,11 @@ def merge(cfg: MergeConfig) -> Path:
             raise MergeError(f"verification failed: the export's logits differ from base+adapter by {diff:.3g} "
                              f"(tolerance {limit:.3g} for {cfg.dtype}); nothing was written to {output}")
         publish(tmp, output)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):  # a full disk, a quota, permissions: one message naming the place
+            raise MergeError(f"could not write {output}: {e}. {free_space_line(output.parent)}; "
+                             "nothing was written there. Free space, or choose another output=") from e
         raise
     if stop_words:
         log.info("stop words with no single token, pass them to your server as stop strings: %s", stop_words)

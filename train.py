@@ -33,6 +33,7 @@ from agenttune.data.pipeline import build_datasets
 from agenttune.data.schema import DataErrors
 from agenttune.modeling import add_neftune, build_model, build_tokenizer, count_parameters
 from agenttune.training import (
+    SaveError,
     TimeBudget,
     TrainState,
     build_accelerator,
@@ -40,6 +41,7 @@ from agenttune.training import (
     build_scheduler,
     catch_preemption,
     check_finite,
+    check_free_space,
     clean_incomplete,
     clip_gradients,
     evaluate,
@@ -97,6 +99,8 @@ def train(cfg: Config) -> TrainState:
     optimizer = build_optimizer(model, cfg.train, cfg.tuner.loraplus_lr_ratio, cfg.hardware.strategy)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps, world)
     schedule = scheduler.lr_lambdas[0] if cfg.train.max_minutes else None  # a ProgressSchedule: the loop moves it
+    if main and (short := check_free_space(model, out, cfg.train.save_total_limit)):
+        log.warning(short)  # before hours of training, not at the first save
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     set_seed(cfg.train.seed, device_specific=True)  # now per-rank: dropout differs across ranks
 
@@ -201,7 +205,7 @@ def main(dcfg: DictConfig) -> None:
     export_submitit_env()  # sweep=slurm: one Slurm task per GPU, started without torchrun
     try:
         train(to_config(dcfg))
-    except (ConfigError, DataErrors) as err:  # what the user can fix: one message, no traceback
+    except (ConfigError, DataErrors, SaveError) as err:  # what the user can fix: one message, no traceback
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(1)
 

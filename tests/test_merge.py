@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -267,3 +269,22 @@ def test_qlora_merge_on_cpu_says_it_needs_cuda(runs, tmp_path):
     with pytest.raises(MergeError, match=r"tuner=qlora.*needs a CUDA GPU.*or pass adapter_only=true"):
         merge(f"adapter={checkpoint}", f"output={tmp_path / 'm'}")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_disk_that_cannot_take_the_export_is_one_message_and_leaves_nothing(runs, tmp_path):
+    """The kernel refuses every write past 100 KB (RLIMIT_FSIZE, as a full disk refuses any):
+    the merged tiny model's weights are larger, its configs are not."""
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    run, merged = runs["lora"]
+    assert (merged / "model.safetensors").stat().st_size > 100_000
+    output = tmp_path / "m"
+    proc = subprocess.run([sys.executable, str(ROOT / "merge.py"), f"adapter={run / 'final'}", f"output={output}"],
+                          env=env(), capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          preexec_fn=small_files_only)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"merge.py: error: could not write {output}: ")
+    assert "File too large" in proc.stderr and f"free on the disk of {tmp_path}; nothing was written there" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -160,6 +160,8 @@ if os.environ.get("KILL_AFTER_CHECKPOINT"):
     support.install_kill_after_checkpoint(int(os.environ["KILL_AFTER_CHECKPOINT"]))
 if os.environ.get("STEP_DELAY"):
     support.install_step_delay(float(os.environ["STEP_DELAY"]))
+if os.environ.get("FILE_SIZE_LIMIT"):  # "RANK:BYTES" or "*:BYTES": larger writes fail as on a full disk
+    support.limit_file_size(os.environ["FILE_SIZE_LIMIT"])
 if os.environ.get("PID_DIR"):  # lets a test signal one chosen rank
     open(os.path.join(os.environ["PID_DIR"], "pid-" + os.environ.get("RANK", "0")), "w").write(str(os.getpid()))
 sys.argv = [{str(TRAIN_PY)!r}] + sys.argv[1:]
@@ -186,6 +188,17 @@ def install_kill_after_checkpoint(step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     training.save_checkpoint, training.log_metrics = save_then_arm, log_then_kill
+
+
+def limit_file_size(spec: str) -> None:
+    """Make every write past ``BYTES`` fail with EFBIG in this process (on rank ``RANK``, or all
+    ranks for ``*``): the kernel refuses the write itself, as it refuses one on a full disk."""
+    import resource
+
+    rank, limit = spec.split(":")
+    if rank in ("*", os.environ.get("RANK", "0")):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
 
 
 def install_step_delay(seconds: float) -> None:

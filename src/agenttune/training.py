@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
@@ -1025,6 +1026,103 @@ def rotate_checkpoints(output_dir: Path, keep: int, best_step: int | None) -> No
             _discard(checkpoint)
 
 
+class SaveError(RuntimeError):
+    """A checkpoint or the final model could not be written (disk full, quota, permissions).
+    The partial write is removed; checkpoints written before it are untouched."""
+
+
+def is_write_error(e: BaseException) -> bool:
+    """A failed write (disk full, quota, file size limit, permissions), however the writer says
+    it: Python's OSError, safetensors' SafetensorError ("I/O error: No space left on device"),
+    or torch.save's RuntimeError from its zip writer ("[enforce fail at inline_container.cc]")."""
+    return isinstance(e, (OSError, SafetensorError)) or (isinstance(e, RuntimeError) and "inline_container" in str(e))
+
+
+def _attempt(write) -> BaseException | None:
+    """Run one rank's share of a save; return a failed write instead of raising it, so that
+    every rank reaches the agreement in ``_agree_saved`` (a rank that raised alone would leave
+    the others waiting in a barrier until the collective timeout)."""
+    try:
+        write()
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        return e
+    return None
+
+
+def _agree_saved(accelerator, failure: BaseException | None, tmp: Path, what: str, output_dir: Path) -> None:
+    """A barrier that also tells every rank whether any rank's write failed; if one did, the
+    temp dir goes (it holds a partial save that only takes space) and every rank raises SaveError."""
+    failed = torch.tensor([float(failure is not None)], device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item() == 0:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failure is None:
+        raise SaveError(f"writing {what} failed on another rank (its message names the cause)")
+    last = next((p for p in checkpoint_dirs(output_dir) if is_loadable(p)), None)
+    raise SaveError(
+        f"could not write {what}: {_cause(failure)}. {free_space_line(output_dir)}. "
+        + (f"The last complete checkpoint is {last} (resume=auto continues from it). " if last else "")
+        + "Free space, lower train.save_total_limit, or set output_dir to a larger disk."
+    )
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, RuntimeError):  # torch.save's zip writer names no OS error
+        return f"a write by torch.save failed ({str(e).strip()})"
+    return str(e)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path``, or would hold it once created."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def free_space_line(path: Path) -> str:
+    return f"{_gib(free_bytes(path))} free on the disk of {path}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def save_footprint(model: torch.nn.Module, keep: int) -> tuple[int, int, int]:
+    """Bytes of (one checkpoint, final/, the most the run holds at once), estimated before the
+    first save. A checkpoint holds the trainable weights and AdamW's two moments of each (the
+    optimizer's state is lazily allocated, so it cannot be read yet); final/ holds the adapter,
+    or for a full fine-tune every weight in the model's dtype. At most ``keep`` newest
+    checkpoints, the best one and the one being written exist together, beside final/."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    moments = 2 * sum(p.numel() * 4 for p in params if p.requires_grad)  # AdamW keeps them in fp32
+    checkpoint = trainable + moments
+    if hasattr(model, "peft_config"):
+        final = trainable
+    else:
+        dtype = getattr(model.config, "dtype", None)
+        final = sum(p.numel() * (dtype.itemsize if isinstance(dtype, torch.dtype) and p.is_floating_point()
+                                 else p.element_size()) for p in params)
+    return checkpoint, final, (keep + 2) * checkpoint + final
+
+
+def check_free_space(model: torch.nn.Module, output_dir: Path, keep: int) -> str | None:
+    """A warning when ``output_dir``'s disk cannot hold what the run will write; None when it can.
+    A warning, not an error: the estimate is rough and space may be freed while the run trains."""
+    checkpoint, final, most = save_footprint(model, keep)
+    free = free_bytes(output_dir)
+    if free >= most:
+        return None
+    return (f"{output_dir} has {_gib(free)} free, and this run writes about {_gib(most)}: up to {keep + 2} "
+            f"checkpoints of {_gib(checkpoint)} (train.save_total_limit={keep}, the best and the one being "
+            f"written) and final/ of {_gib(final)}. A save that finds the disk full stops the run; free "
+            "space, lower train.save_total_limit, or set output_dir to a larger disk.")
+
+
 def save_checkpoint(
     accelerator, model, optimizer, scheduler, state: TrainState, output_dir: Path, config_yaml: str, keep: int
 ) -> Path:
@@ -1038,36 +1136,49 @@ def save_checkpoint(
     bad = torch.tensor([float(not all(torch.isfinite(t).all() for t in weights.values()))], device=accelerator.device)
     if accelerator.reduce(bad, reduction="sum").item() > 0:  # every rank raises, none waits forever
         raise FloatingPointError(f"step {state.step}: the weights hold NaN/inf; refusing to write a checkpoint of them")
+    failure = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")  # each rank its own stream
-    if shards_state(accelerator):  # each rank writes its optimizer (and weight) shards; all ranks call
-        accelerator.save_state(str(tmp / ACCELERATE_STATE))
+        failure = _attempt(lambda: tmp.mkdir(parents=True))
+    _agree_saved(accelerator, failure, tmp, f"checkpoint {final}", output_dir)
+    failure = _attempt(lambda: torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt"))  # per rank
+    if shards_state(accelerator):  # each rank writes its optimizer (and weight) shards; all must call it
+        failure = _attempt(lambda: accelerator.save_state(str(tmp / ACCELERATE_STATE))) or failure
+    if accelerator.is_main_process and failure is None:
+        failure = _attempt(lambda: _write_checkpoint_files(tmp, weights, optimizer, scheduler, config_yaml,
+                                                           sharded=shards_state(accelerator)))
+    _agree_saved(accelerator, failure, tmp, f"checkpoint {final}", output_dir)
+    failure = None
     if accelerator.is_main_process:
-        save_file(weights, tmp / "trainable.safetensors")  # gathered: loadable without the shards
-        if not shards_state(accelerator):
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())  # accelerate/ holds nested shard dirs
-        for path in files:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
-        (tmp / STATE_FILE).write_text(json.dumps({"state": asdict(state), "files": manifest}, indent=1))
-        with open(tmp / STATE_FILE, "rb") as f:
-            os.fsync(f.fileno())
-        if final.exists():  # re-reaching a step after resuming from an older checkpoint
-            _discard(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        rotate_checkpoints(output_dir, keep, state.best_step)
-    accelerator.wait_for_everyone()
+        failure = _attempt(lambda: _seal_checkpoint(tmp, state))
+        if failure is None:
+            if final.exists():  # re-reaching a step after resuming from an older checkpoint
+                _discard(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            rotate_checkpoints(output_dir, keep, state.best_step)
+    _agree_saved(accelerator, failure, tmp, f"checkpoint {final}", output_dir)
     return final
+
+
+def _write_checkpoint_files(tmp: Path, weights: dict, optimizer, scheduler, config_yaml: str, sharded: bool) -> None:
+    save_file(weights, tmp / "trainable.safetensors")  # gathered: loadable without the shards
+    if not sharded:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+
+
+def _seal_checkpoint(tmp: Path, state: TrainState) -> None:
+    """fsync every file, then write the manifest that makes the checkpoint loadable."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())  # accelerate/ holds nested shard dirs
+    for path in files:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
+    (tmp / STATE_FILE).write_text(json.dumps({"state": asdict(state), "files": manifest}, indent=1))
+    with open(tmp / STATE_FILE, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) -> TrainState:
@@ -1172,20 +1283,26 @@ def save_final(accelerator, model, tokenizer, path: Path, template: str) -> None
     ``AutoModelForCausalLM.from_pretrained`` (tuner=full) loads, with the training tokenizer
     and chat template. Written to a temp dir and renamed, like checkpoints."""
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every rank calls it
+    tmp = path.with_name(f".tmp-{path.name}")
+    failure = None
     if accelerator.is_main_process:
-        tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
         if not hasattr(unwrapped, "peft_config"):
             state_dict = in_model_dtype(state_dict, unwrapped.config)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        # Serve with exactly the text the model was trained on (agenttune.data.templates renders both).
-        tokenizer.chat_template = get_template(template).chat_template
-        tokenizer.save_pretrained(tmp)
-        if path.exists():
-            _discard(path)
-        os.rename(tmp, path)
-    accelerator.wait_for_everyone()
+
+        def write() -> None:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            # Serve with exactly the text the model was trained on (agenttune.data.templates renders both).
+            tokenizer.chat_template = get_template(template).chat_template
+            tokenizer.save_pretrained(tmp)
+
+        failure = _attempt(write)
+        if failure is None:
+            if path.exists():
+                _discard(path)
+            os.rename(tmp, path)
+    _agree_saved(accelerator, failure, tmp, f"the final model {path}", path.parent)
 
 
 def in_model_dtype(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
