@@ -206,7 +206,7 @@ def main(dcfg: DictConfig) -> None:
     try:
         train(to_config(dcfg))
     except (ConfigError, DataErrors, SaveError) as err:  # what the user can fix: one message, no traceback
-        print(f"train.py: error: {err}", file=sys.stderr)
+        tqdm.write(f"train.py: error: {err}", file=sys.stderr)  # on its own line, not after the bar's
         sys.exit(1)
 
 

@@ -36,6 +36,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_and_keeps_the_last_one(tmp
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     message = proc.stderr[proc.stderr.index("train.py: error:"):]
+    assert proc.stderr[proc.stderr.index(message) - 1] in "\r\n", "the message starts a line, not the bar's tail"
     assert f"could not write checkpoint {out / 'checkpoints' / 'step-2'}" in message
     assert "File too large" in message and f"free on the disk of {out}." in message
     assert f"The last complete checkpoint is {out / 'checkpoints' / 'step-1'} (resume=auto" in message
