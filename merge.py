@@ -40,7 +40,7 @@ from agenttune.merging import (
     write_generation_config,
 )
 from agenttune.modeling import build_tokenizer, resolve_model_path
-from agenttune.training import free_space_line, is_write_error
+from agenttune.storage import free_space_line, is_write_error
 
 log = logging.getLogger("merge")
 

@@ -226,3 +226,32 @@ def test_tokenized_datasets_are_cached_and_invalidated(tmp_path, tiny_tokenizer,
     assert len(build_datasets(data, "qwen", tiny_tokenizer).train) == 7
     off = build_datasets(DataConfig(datasets=[DatasetSpec(str(path))], cache=False), "qwen", tiny_tokenizer)
     assert "cache" not in off.report
+
+
+CACHE_WITH_NO_ROOM = """
+import json, resource, sys
+from agenttune.data.options import DataConfig, DatasetSpec
+from agenttune.data.pipeline import build_datasets
+from agenttune.tiny import load_tiny_tokenizer
+tokenizer = load_tiny_tokenizer()
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # writes past 4 KB fail (EFBIG)
+bundle = build_datasets(DataConfig(datasets=[DatasetSpec(sys.argv[1])], eval_ratio=0), "qwen", tokenizer)
+print(json.dumps({"train": len(bundle.train), "first": bundle.train[0]["input_ids"][:5], "cached": "cache" in bundle.report}))
+"""
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_data_still_loads(tmp_path):
+    """The tokenized data is in memory: a full disk under $AGENTTUNE_CACHE costs the cache, not the run."""
+    from test_train_support import env
+
+    path = jsonl(tmp_path / "a.jsonl", [AGENT] * 20 + [GENERAL] * 20)
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", CACHE_WITH_NO_ROOM, path], env={**env(), "AGENTTUNE_CACHE": str(cache)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["train"] == 40 and not result["cached"] and len(result["first"]) == 5
+    assert "Traceback" not in proc.stderr
+    assert f"could not cache the tokenized data in {cache / 'datasets'}" in proc.stderr
+    assert "File too large" in proc.stderr and "going on without it" in proc.stderr
+    assert list((cache / "datasets").iterdir()) == [], "no partial cache entry is left for a later run to trip on"

@@ -134,7 +134,7 @@ def test_train_warns_before_the_first_step_when_the_disk_is_short(tmp_path, monk
 
 
 def test_free_bytes_looks_at_the_nearest_existing_directory(tmp_path):
-    from agenttune.training import free_bytes
+    from agenttune.storage import free_bytes
 
     assert free_bytes(tmp_path / "not" / "yet") == pytest.approx(free_bytes(tmp_path), rel=0.01)
 
@@ -142,7 +142,7 @@ def test_free_bytes_looks_at_the_nearest_existing_directory(tmp_path):
 def test_write_errors_are_told_apart_from_bugs():
     from safetensors import SafetensorError
 
-    from agenttune.training import is_write_error
+    from agenttune.storage import is_write_error
 
     assert is_write_error(OSError(28, "No space left on device"))
     assert is_write_error(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))

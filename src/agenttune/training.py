@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
+from agenttune.storage import free_bytes, free_space_line, gib, is_write_error
 from agenttune.data.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -1031,13 +1031,6 @@ class SaveError(RuntimeError):
     The partial write is removed; checkpoints written before it are untouched."""
 
 
-def is_write_error(e: BaseException) -> bool:
-    """A failed write (disk full, quota, file size limit, permissions), however the writer says
-    it: Python's OSError, safetensors' SafetensorError ("I/O error: No space left on device"),
-    or torch.save's RuntimeError from its zip writer ("[enforce fail at inline_container.cc]")."""
-    return isinstance(e, (OSError, SafetensorError)) or (isinstance(e, RuntimeError) and "inline_container" in str(e))
-
-
 def _attempt(write) -> BaseException | None:
     """Run one rank's share of a save; return a failed write instead of raising it, so that
     every rank reaches the agreement in ``_agree_saved`` (a rank that raised alone would leave
@@ -1075,22 +1068,6 @@ def _cause(e: BaseException) -> str:
     return str(e)
 
 
-def free_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that holds ``path``, or would hold it once created."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def free_space_line(path: Path) -> str:
-    return f"{_gib(free_bytes(path))} free on the disk of {path}"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
 def save_footprint(model: torch.nn.Module, keep: int) -> tuple[int, int, int]:
     """Bytes of (one checkpoint, final/, the most the run holds at once), estimated before the
     first save. A checkpoint holds the trainable weights and AdamW's two moments of each (the
@@ -1117,9 +1094,9 @@ def check_free_space(model: torch.nn.Module, output_dir: Path, keep: int) -> str
     free = free_bytes(output_dir)
     if free >= most:
         return None
-    return (f"{output_dir} has {_gib(free)} free, and this run writes about {_gib(most)}: up to {keep + 2} "
-            f"checkpoints of {_gib(checkpoint)} (train.save_total_limit={keep}, the best and the one being "
-            f"written) and final/ of {_gib(final)}. A save that finds the disk full stops the run; free "
+    return (f"{output_dir} has {gib(free)} free, and this run writes about {gib(most)}: up to {keep + 2} "
+            f"checkpoints of {gib(checkpoint)} (train.save_total_limit={keep}, the best and the one being "
+            f"written) and final/ of {gib(final)}. A save that finds the disk full stops the run; free "
             "space, lower train.save_total_limit, or set output_dir to a larger disk.")
 
 

@@ -102,7 +102,8 @@ class DataConfig:
     seed: int = 42
     cache: bool = True
     """Save the tokenized datasets under $AGENTTUNE_CACHE/datasets and reuse them while the
-    files, this config, the tokenizer and the pipeline code are unchanged."""
+    files, this config, the tokenizer and the pipeline code are unchanged. A cache that cannot
+    be written (a full disk) is a warning: the run goes on with the data in memory."""
 
     def __post_init__(self) -> None:
         _check("on_error", self.on_error, ON_ERROR)

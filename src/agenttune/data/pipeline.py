@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,11 +20,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..storage import free_space_line, is_write_error
 from .encode import encode_batch
 from .options import DataConfig, DatasetSpec, SupervisionConfig
 from .readers import read_file
 from .schema import Conversation, DataError, DataErrors
 from .templates import get_template
+
+log = logging.getLogger(__name__)
 
 MAX_LISTED_ERRORS = 20
 SOURCE_IDS = {"agent": 0, "general": 1}
@@ -200,12 +204,22 @@ def build_datasets(data: DataConfig, template: str, tokenizer) -> DataBundle:
 def save_bundle(target: Path, train_ds, eval_ds, summary: dict) -> None:
     """Write to a temp dir and rename: a killed run never leaves a half-written cache entry
     that a later run would load (report.json, written last, marks it complete)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    train_ds.save_to_disk(str(tmp / "train"))
-    if eval_ds is not None:
-        eval_ds.save_to_disk(str(tmp / "eval"))
-    (tmp / "report.json").write_text(json.dumps(summary, default=str))
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        train_ds.save_to_disk(str(tmp / "train"))
+        if eval_ds is not None:
+            eval_ds.save_to_disk(str(tmp / "eval"))
+        (tmp / "report.json").write_text(json.dumps(summary, default=str))
+    except Exception as e:  # the data is in memory and the run can go on: the cache only saves time
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_error(e):
+            raise
+        log.warning("could not cache the tokenized data in %s (%s; %s); going on without it, so the next "
+                    "run tokenizes again (or set data.cache=false)", target, e, free_space_line(target.parent))
+        return
     try:
         os.rename(tmp, target)
     except OSError:  # another process saved the same key first; theirs is identical
