@@ -32,6 +32,7 @@ from agenttune.inference.generate import Generator
 from agenttune.inference.loading import LoadError, load_for_inference, load_run_base
 from agenttune.inference.metrics import comparison_table
 from agenttune.inference.predict import EvalDataError, load_eval, predict, read_metrics, write_predictions
+from agenttune.storage import SaveError
 from agenttune.tools import ToolError, load_tools
 
 log = logging.getLogger("infer")
@@ -74,9 +75,9 @@ def predict_mode(cfg: InferConfig, generator: Generator, has_adapter: bool, name
     out = Path(cfg.predict.output_dir)
     rows, metrics = predict(generator, convs, cfg.predict.batch_size, label=name)
     metrics.update(model=name, template=generator.template.name, inputs=list(cfg.predict.input))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("inputs",)}, indent=1))  # before a write can fail
     write_predictions(out, rows, metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("inputs",)}, indent=1))
-    before = None
+    before = base_rows = None
     if cfg.predict.baseline:
         if has_adapter:
             with generator.model.disable_adapter():
@@ -91,11 +92,12 @@ def predict_mode(cfg: InferConfig, generator: Generator, has_adapter: bool, name
             raise ConfigError("predict.baseline: needs adapter= (a run's final/ or checkpoints/step-N): "
                               "the base is the model that run started from")
         before.update(model=base_name, template=generator.template.name)
-        write_predictions(out, base_rows, before, suffix="_base")
     elif cfg.predict.compare:
         before = read_metrics(cfg.predict.compare)
     if before is not None:
         print(comparison_table(before, metrics, "before", "after"))
+    if base_rows is not None:
+        write_predictions(out, base_rows, before, suffix="_base")
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     return 0
 
@@ -135,7 +137,7 @@ def to_infer_config(dcfg: DictConfig) -> InferConfig:
 def main(dcfg: DictConfig) -> None:
     try:
         code = run(to_infer_config(dcfg))
-    except (ConfigError, LoadError, ToolError, FileNotFoundError, EvalDataError) as err:
+    except (ConfigError, LoadError, ToolError, FileNotFoundError, EvalDataError, SaveError) as err:
         print(f"infer.py: error: {err}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -159,6 +160,22 @@ def test_model_dtype_applies_to_a_run_and_its_base(workspace, run):
                 "mode=chat", f"adapter={workspace[run]}/final", f"model.dtype={dtype}"]))
             assert next(load_for_inference(cfg).model.parameters()).dtype == expected
             assert next(load_run_base(cfg, "qwen").model.parameters()).dtype == expected
+
+
+def test_predictions_that_cannot_be_written_are_one_message_after_the_metrics(workspace):
+    """The kernel refuses writes past 1 KB (RLIMIT_FSIZE, as a full disk refuses any); the
+    predictions file is larger. The scores were printed before the write, so they are not lost."""
+    out = workspace["root"] / "pred-no-room"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))  # noqa: E731
+    result = subprocess.run([sys.executable, str(INFER_PY), "mode=predict", f"adapter={workspace['qwen']}/final",
+                             f"predict.input=[{workspace['data']}]", f"predict.output_dir={out}",
+                             "generation.max_new_tokens=96"], capture_output=True, text=True,
+                            env=infer_env(workspace), cwd=workspace["root"], timeout=180, preexec_fn=limit)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert json.loads(result.stdout[result.stdout.index("{"):])["argument_exact_match"] == 1.0
+    assert result.stderr.splitlines()[-1].startswith(
+        f"infer.py: error: could not write the predictions to {out}: [Errno 27] File too large")
+    assert "set predict.output_dir to another disk" in result.stderr
 
 
 def test_predict_names_bad_eval_records(workspace):

@@ -1,5 +1,5 @@
 """Disk space and failed writes, for everything that saves: checkpoints and final/ (training),
-merged exports (merge.py) and the tokenized-data cache (data.pipeline)."""
+merged exports (merge.py), predictions (infer.py) and the tokenized-data cache (data.pipeline)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError
+
+
+class SaveError(RuntimeError):
+    """Something the run made could not be written (a full disk, a quota, permissions); the
+    message names it and the free space. A partial write is removed, earlier saves are kept."""
 
 
 def is_write_error(e: BaseException) -> bool:

@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
-from agenttune.storage import free_bytes, free_space_line, gib, is_write_error
+from agenttune.storage import SaveError, free_bytes, free_space_line, gib, is_write_error
 from agenttune.data.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -1024,11 +1024,6 @@ def rotate_checkpoints(output_dir: Path, keep: int, best_step: int | None) -> No
     for checkpoint in checkpoint_dirs(output_dir)[keep:]:
         if best_step is None or checkpoint.name != f"step-{best_step}":
             _discard(checkpoint)
-
-
-class SaveError(RuntimeError):
-    """A checkpoint or the final model could not be written (disk full, quota, permissions).
-    The partial write is removed; checkpoints written before it are untouched."""
 
 
 def _attempt(write) -> BaseException | None:

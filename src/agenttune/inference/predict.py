@@ -16,6 +16,7 @@ from agenttune.inference.config import PredictConfig
 from agenttune.inference.generate import Generator
 from agenttune.inference.metrics import StepScore, aggregate, score_step
 from agenttune.inference.parsing import parse_reply
+from agenttune.storage import SaveError, free_space_line
 
 
 @dataclass
@@ -108,11 +109,15 @@ def predict(generator: Generator, convs: list[Conversation], batch_size: int, la
 
 
 def write_predictions(out_dir: Path, rows: list[dict], metrics: dict, suffix: str = "") -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"predictions{suffix}.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out_dir / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / f"predictions{suffix}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (out_dir / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise SaveError(f"could not write the predictions to {out_dir}: {e}. {free_space_line(out_dir)}; the "
+                        "metrics were printed above. Free space, or set predict.output_dir to another disk") from e
 
 
 def read_metrics(path: str) -> dict:
