@@ -50,6 +50,7 @@ from agenttune.training import (
     find_checkpoint,
     forward_backward,
     init_wandb,
+    leave_process_group,
     load_checkpoint,
     log_metrics,
     micro_batches,
@@ -207,6 +208,7 @@ def main(dcfg: DictConfig) -> None:
         train(to_config(dcfg))
     except (ConfigError, DataErrors, SaveError) as err:  # what the user can fix: one message, no traceback
         tqdm.write(f"train.py: error: {err}", file=sys.stderr)  # on its own line, not after the bar's
+        leave_process_group()
         sys.exit(1)
 
 

@@ -1235,6 +1235,14 @@ def preemption_agreed(accelerator, preemption: Preemption) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group before a rank exits on an error. Left to interpreter teardown,
+    gloo's threads sometimes abort the process ("terminate called without an active exception",
+    exit -6: 1 run in 6 of two CPU ranks stopping on a failed save)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def exit_for_requeue(accelerator, step: int, checkpoint: Path) -> None:
     """End the run after a preemption checkpoint with REQUEUE_EXIT_CODE (and the marker file)."""
     marker = os.environ.get(REQUEUE_MARKER_ENV)
