@@ -31,8 +31,8 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
-from agenttune.storage import SaveError, free_bytes, free_space_line, gib, is_write_error
 from agenttune.data.templates import get_template
+from agenttune.storage import SaveError, free_bytes, free_space_line, gib, is_write_error
 
 log = logging.getLogger(__name__)
 
