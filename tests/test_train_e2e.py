@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import agenttune.training as training
 from agenttune.config import ConfigError, TrainConfig
 from agenttune.modeling import build_model
-from test_train_support import FAST, ROOT, TRAIN_PY, compose, env, metrics, train_in_process
+from test_train_support import FAST, ROOT, TRAIN_PY, compose, env, launch_command, metrics, train_env, train_in_process
 
 RUN = ["train.max_steps=2", "train.eval_steps=1", "train.save_steps=2", "train.lr=1e-3", "train.warmup_ratio=0"]
 
@@ -390,6 +390,20 @@ def test_default_command_trains_on_the_demo_data(tmp_path):
     assert (out / ".hydra" / "config.yaml").exists() and (out / "loss.png").exists()
     assert list((out / "wandb").glob("offline-run-*")), "W&B ran offline into the output dir"
     assert "train:" in proc.stderr  # the tqdm progress bar
+
+
+def test_wandb_online_without_a_key_is_one_message_naming_wandb_mode(tmp_path):
+    """wandb.init raises UsageError with no API key; that is a setting to fix, before any step."""
+    args = [a for a in FAST if not a.startswith("wandb.")] + ["wandb.mode=online", "train.max_steps=1",
+                                                              f"output_dir={tmp_path / 'run'}"]
+    e = train_env(extra_env={"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")})
+    e.pop("WANDB_API_KEY", None)  # and no ~/.netrc: HOME is empty
+    proc = subprocess.run(launch_command(tmp_path) + args, cwd=tmp_path, env=e, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "train.py: error: wandb.mode: W&B could not start the online run (No API key configured" in proc.stderr
+    assert "wandb.mode=offline" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "it stops before the first step"
 
 
 def test_a_bad_record_stops_train_py_with_its_line_and_no_traceback(tmp_path):

@@ -1354,14 +1354,20 @@ def init_wandb(cfg: WandbConfig, config: dict, output_dir: Path, run_id: str | N
         return None
     import wandb
 
-    return wandb.init(
-        project=cfg.project,
-        entity=cfg.entity,
-        name=cfg.name or output_dir.name,
-        tags=list(cfg.tags),
-        config=config,
-        dir=str(output_dir),
-        mode=mode,
-        id=run_id,
-        resume="allow" if run_id else None,
-    )
+    try:
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or output_dir.name,
+            tags=list(cfg.tags),
+            config=config,
+            dir=str(output_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
+    except wandb.errors.Error as e:  # no API key, no network, an unknown entity: before any step is trained
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"wandb.mode: W&B could not start the {mode} run ({first.rstrip('.')}). Set WANDB_API_KEY (or run "
+                          "`wandb login`), or pass wandb.mode=offline to log locally and `wandb sync` later, "
+                          "or wandb.mode=disabled") from e
