@@ -156,6 +156,20 @@ def test_a_model_path_that_cannot_be_loaded_is_one_message_naming_model_path(ove
             build()
 
 
+def test_target_modules_that_match_no_layer_name_the_layers_there_are():
+    from agenttune.modeling import build_model
+
+    # PEFT itself would train q_proj and skip the misspelt name: a layer silently left out
+    cfg = compose(["model=tiny", "tuner=lora", "tuner.target_modules='q_proj,vproj'"])
+    with pytest.raises(ConfigError, match=re.escape(
+            "tuner.target_modules: vproj matches no layer of Qwen2ForCausalLM, whose linear layers are "
+            "down_proj,gate_proj,k_proj,lm_head,o_proj,q_proj,up_proj,v_proj; name some of them, or use all-linear")):
+        build_model(cfg.model, cfg.tuner, cfg.hardware)
+    cfg = compose(["model=tiny", "tuner=lora", "tuner.target_modules='q_proj, v_proj'"])
+    model = build_model(cfg.model, cfg.tuner, cfg.hardware)
+    assert {name.split(".")[-4] for name, p in model.named_parameters() if p.requires_grad} == {"q_proj", "v_proj"}
+
+
 def test_a_missing_data_file_stops_train_py_naming_it(tmp_path):
     missing = tmp_path / "nope.jsonl"
     proc = subprocess.run([sys.executable, str(TRAIN_PY), f"data.datasets=[{{path:{missing}}}]", "train.max_steps=1",

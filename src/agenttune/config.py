@@ -78,7 +78,8 @@ class TunerConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str = "all-linear"
-    """all-linear (every linear layer but the output head), or comma-separated module names."""
+    """all-linear (every linear layer but the output head), or comma-separated module names
+    (quoted on the command line: tuner.target_modules='q_proj,v_proj'); each must name a layer."""
     include_embeddings: bool = False
     """Also adapt the input embeddings and lm_head, as ms-swift's ``ALL`` target does."""
     loraplus_lr_ratio: float | None = None

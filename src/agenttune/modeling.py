@@ -50,8 +50,8 @@ def from_pretrained(loader, model_cfg: ModelConfig, **kwargs):
     """``loader.from_pretrained`` on model.path, with what transformers raises for a path it
     cannot load (missing files, a hub id while offline, a GGUF file that is not there) turned
     into one message naming model.path."""
-    path = resolve_model_path(model_cfg.path)
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():  # local, not a hub id
+    path = os.path.expanduser(resolve_model_path(model_cfg.path))
+    if path.startswith(("/", "./", "../")) and not Path(path).is_dir():  # a local path, not a hub id
         raise ConfigError(f"model.path: {path} is not a directory (a model directory, a hub id such as "
                           "Qwen/Qwen2.5-7B-Instruct, tiny, or python-package:NAME)")
     try:
@@ -213,7 +213,7 @@ def lora_targets(model: torch.nn.Module, tuner: TunerConfig) -> str | list[str]:
     linear and embedding layer including lm_head."""
     if not tuner.include_embeddings:
         if tuner.target_modules != "all-linear":
-            return [name.strip() for name in tuner.target_modules.split(",") if name.strip()]
+            return named_targets(model, tuner.target_modules)
         if not tuner.top_layers:
             return "all-linear"
         # PEFT takes layers_to_transform with a list of names only: spell all-linear out.
@@ -222,6 +222,20 @@ def lora_targets(model: torch.nn.Module, tuner: TunerConfig) -> str | list[str]:
                        if isinstance(module, torch.nn.Linear) and module is not head})
     kinds = (torch.nn.Linear, torch.nn.Embedding)
     return sorted({name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, kinds)})
+
+
+def named_targets(model: torch.nn.Module, target_modules: str) -> list[str]:
+    """The comma-separated names of tuner.target_modules, each of which must name a layer (PEFT
+    matches a name against the end of a module's path, and skips a list's names that match nothing
+    as long as one does: a typo would silently leave a layer untrained)."""
+    names = [name.strip() for name in target_modules.split(",") if name.strip()]
+    paths = [path for path, _ in model.named_modules()]
+    unmatched = [name for name in names if not any(path == name or path.endswith("." + name) for path in paths)]
+    if unmatched:
+        linear = sorted({path.split(".")[-1] for path, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(f"tuner.target_modules: {', '.join(unmatched)} matches no layer of {type(model).__name__}, "
+                          f"whose linear layers are {','.join(linear)}; name some of them, or use all-linear")
+    return names
 
 
 def build_model(model_cfg: ModelConfig, tuner: TunerConfig, hardware: HardwareConfig):
