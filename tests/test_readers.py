@@ -199,6 +199,30 @@ def test_invalid_json_list(tmp_path):
     assert isinstance(items[-1], DataError) and items[-1].origin == f"{path}:3"
 
 
+@pytest.mark.parametrize("text, line, message", [
+    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"}', 3,
+     "the file ends before the list's closing `]` (cut short?)"),
+    ('[\n {"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}\n]', 3,
+     "expected `,` or `]` after a record, found `{`"),
+    ('[\n {"instruction": "a", "output": "b"}\n]\n[{"instruction": "c", "output": "d"}]\n', 4,
+     "text after the list's closing `]`"),
+])
+def test_a_json_list_that_is_cut_short_or_run_on_is_an_error_not_fewer_records(tmp_path, text, line, message):
+    """Each of these used to load as a good file of the records before the fault."""
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    items = list(read_file(path))
+    assert isinstance(items[0], Conversation) and items[0].messages[-1].content == "b"
+    assert isinstance(items[-1], DataError) and items[-1].kind == "invalid_json"
+    assert str(items[-1]).startswith(f"{path}:{line}: {message}")
+
+
+def test_a_json_list_may_end_with_a_comma_and_whitespace(tmp_path):
+    path = tmp_path / "ok.json"
+    path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"},\n]\n\n')
+    assert [c.messages[-1].content for c in read_file(path)] == ["b", "d"]
+
+
 def test_unknown_role(tmp_path):
     err = read_error(tmp_path, {"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]})
     assert err.kind == "unknown_role" and "`robot`" in str(err)

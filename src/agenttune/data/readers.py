@@ -450,6 +450,19 @@ def _iter_json_array(text: str, path: str) -> Iterator[tuple[str, object]]:
         pos = ws.match(text, end).end()
         if text[pos : pos + 1] == ",":
             pos = ws.match(text, pos + 1).end()
+        elif text[pos : pos + 1] not in ("]", ""):
+            at = text.count("\n", 0, pos) + 1
+            yield f"{path}:{at}", DataError(f"{path}:{at}", f"expected `,` or `]` after a record, found `{text[pos]}`",
+                                            "the rest of the file cannot be read", "invalid_json")
+            return
+    if pos >= len(text):  # a file cut short: every record so far decoded, but the list never closes
+        at = text.count("\n") + 1
+        yield f"{path}:{at}", DataError(f"{path}:{at}", "the file ends before the list's closing `]` (cut short?)",
+                                        "check that the file was written completely", "invalid_json")
+    elif text[ws.match(text, pos + 1).end():]:
+        at = text.count("\n", 0, ws.match(text, pos + 1).end()) + 1
+        yield f"{path}:{at}", DataError(f"{path}:{at}", "text after the list's closing `]`",
+                                        "a .json file holds one list of records", "invalid_json")
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, object]]:
