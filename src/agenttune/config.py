@@ -363,5 +363,23 @@ def to_config(cfg: DictConfig) -> Config:
         except ConfigError:
             raise
         except (ValueError, TypeError) as e:  # raised by DataConfig & co., which do not know their group
-            raise ConfigError(f"{f.name}: {e}") from e
+            raise ConfigError(f"{_failing_item(node, f.name)}: {e}") from e
     return Config(**parts)
+
+
+def _failing_item(node, path: str) -> str:
+    """The deepest part of ``node`` whose checks fail (data.supervision, data.datasets.1), so the
+    message names it; ``path`` itself when no part fails alone."""
+    children = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
+    for key, _ in children:
+        child = node._get_node(key)
+        if isinstance(child, ListConfig):
+            found = _failing_item(child, f"{path}.{key}")
+            if found != f"{path}.{key}":
+                return found
+        elif isinstance(child, DictConfig):
+            try:
+                OmegaConf.to_object(child)
+            except (ValueError, TypeError):
+                return _failing_item(child, f"{path}.{key}")
+    return path
