@@ -192,6 +192,12 @@ def test_cli_errors(tmp_path, capsys):
     assert "no record passed the filter" in capsys.readouterr().err
     assert main([str(path), "--out", str(tmp_path / "o.jsonl"), "--tools", "no.such.module"]) == 2
     assert "cannot be imported" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # an output under a file: its directory cannot be made
+    for flag in ("--out", "--rejects", "--report"):
+        args = {"--out": str(tmp_path / "o.jsonl"), flag: str(tmp_path / "a-file" / "x.jsonl")}
+        assert main([str(path), *[item for pair in args.items() for item in pair]]) == 2
+        assert capsys.readouterr().err == (f"error: {flag} {tmp_path / 'a-file' / 'x.jsonl'}: cannot make its directory "
+                                           f"{tmp_path / 'a-file'} (File exists)\n")
 
 
 # ----------------------------------------------------------------------------- synthetic trajectories

@@ -405,6 +405,9 @@ def test_cli_writes_the_manifest(tmp_path, capsys):
     assert "train must be at least 1" in capsys.readouterr().err
     assert synth.main(["--out", str(tmp_path), "--distractors", "7"]) == 2
     assert "distractors must be between 0 and 6" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # --out under a file: the directory cannot be made
+    assert synth.main(["--out", str(tmp_path / "a-file" / "out"), "--train", "4"]) == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'a-file' / 'out'}: cannot write there (Not a directory)\n"
 
 
 def test_no_distractors_offers_only_what_is_needed(tmp_path):

@@ -380,15 +380,25 @@ def main(argv=None) -> int:
         from .inspect import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
+    for flag, path in (("--out", args.out), ("--rejects", args.rejects), ("--report", args.report)):
+        try:  # before the run, which may take minutes on a large corpus
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"error: {flag} {path}: cannot make its directory {Path(path).parent} ({err.strerror or err})",
+                  file=sys.stderr)
+            return 2
     try:
         report = run(args.inputs, args.out, cfg, args.rejects, tokenizer)
+        print(format_report(report, args.out, args.rejects))
+        if args.report:
+            Path(args.report).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_report(report, args.out, args.rejects))
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as err:  # a full disk while writing
+        print(f"error: could not write the output: {err}", file=sys.stderr)
+        return 1
     if report.kept == 0:
         print("error: no record passed the filter", file=sys.stderr)
         return 1

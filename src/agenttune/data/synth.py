@@ -1267,6 +1267,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # --out cannot be made or written: a read-only place, a full disk
+        print(f"error: --out {args.out}: cannot write there ({err.strerror or err})", file=sys.stderr)
+        return 1
     for name, summary in manifest["files"].items():
         print(f"{summary['records']:6d}  {manifest['paths'][name]}")
     return 0
