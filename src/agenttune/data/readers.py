@@ -459,8 +459,8 @@ def _iter_json_array(text: str, path: str) -> Iterator[tuple[str, object]]:
         at = text.count("\n") + 1
         yield f"{path}:{at}", DataError(f"{path}:{at}", "the file ends before the list's closing `]` (cut short?)",
                                         "check that the file was written completely", "invalid_json")
-    elif text[ws.match(text, pos + 1).end():]:
-        at = text.count("\n", 0, ws.match(text, pos + 1).end()) + 1
+    elif (after := ws.match(text, pos + 1).end()) < len(text):
+        at = text.count("\n", 0, after) + 1
         yield f"{path}:{at}", DataError(f"{path}:{at}", "text after the list's closing `]`",
                                         "a .json file holds one list of records", "invalid_json")
 
