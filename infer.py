@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -102,17 +103,32 @@ def predict_mode(cfg: InferConfig, generator: Generator, has_adapter: bool, name
     return 0
 
 
-def serve(cfg: InferConfig, generator: Generator, name: str) -> int:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Take host:port before the model loads (a minute for a 7B), so a port in use is one message
+    at once, and no other process can take it while the model loads."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not past a live listener: only TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"port: cannot listen on {host}:{port} ({e.strerror or e}); choose another port= "
+                          "(or host=)") from None
+    return sock
+
+
+def serve(cfg: InferConfig, generator: Generator, name: str, sock: socket.socket) -> int:
     import uvicorn
 
     from agenttune.inference.serve import build_app
 
-    uvicorn.run(build_app(generator, cfg.served_name or name, cfg.max_queue), host=cfg.host, port=cfg.port,
-                log_level="info")
+    app = build_app(generator, cfg.served_name or name, cfg.max_queue)
+    uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info")).run(sockets=[sock])
     return 0
 
 
 def run(cfg: InferConfig) -> int:
+    sock = listen_socket(cfg.host, cfg.port) if cfg.mode == "serve" else None
     loaded = load_for_inference(cfg)
     generator = Generator(loaded.model, loaded.tokenizer, loaded.template, cfg.generation)
     if cfg.mode == "chat":
@@ -121,7 +137,7 @@ def run(cfg: InferConfig) -> int:
         return agent(cfg, generator)
     if cfg.mode == "predict":
         return predict_mode(cfg, generator, loaded.has_adapter, loaded.name)
-    return serve(cfg, generator, loaded.name)
+    return serve(cfg, generator, loaded.name, sock)
 
 
 def to_infer_config(dcfg: DictConfig) -> InferConfig:

@@ -239,6 +239,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_serve_on_a_port_in_use_stops_before_loading_the_model(workspace):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_infer(workspace, ["mode=serve", f"adapter={workspace['react']}/final", f"port={port}"], timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (f"infer.py: error: port: cannot listen on 127.0.0.1:{port} "
+                                              "(Address already in use); choose another port= (or host=)")
+    assert "loaded" not in result.stdout + result.stderr, "the port is checked before the model loads"
+
+
 @pytest.fixture(scope="module")
 def server(workspace):
     port = free_port()
