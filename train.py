@@ -41,6 +41,7 @@ from agenttune.training import (
     build_scheduler,
     catch_preemption,
     check_finite,
+    check_sources_weighted,
     check_free_space,
     clean_incomplete,
     clip_gradients,
@@ -82,6 +83,7 @@ def train(cfg: Config) -> TrainState:
     tokenizer = build_tokenizer(cfg.model)
     with accelerator.main_process_first():  # rank 0 fills the dataset cache, the others read it
         data = build_datasets(cfg.data, cfg.model.template, tokenizer)
+    check_sources_weighted(set(data.train.unique("source")), cfg.loss.lambda_agent)
     model = build_model(cfg.model, cfg.tuner, cfg.hardware)
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)  # noisy input embeddings in training mode only

@@ -10,6 +10,7 @@ import pytest
 from agenttune.data import inspect
 from agenttune.data.options import DataConfig, DatasetSpec, SupervisionConfig
 from agenttune.data.pipeline import DataErrors, build_datasets
+from agenttune.data.schema import DataError
 
 AGENT = {"tools": [{"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}],
          "messages": [{"role": "user", "content": "call f"},
@@ -123,6 +124,15 @@ def test_no_trained_tokens_is_an_error(tmp_path, tiny_tokenizer):
     data = DataConfig(datasets=[DatasetSpec(jsonl(tmp_path / "z.jsonl", [rec, GENERAL]))], eval_ratio=0)
     with pytest.raises(DataErrors, match="no_trained_tokens|no trained token"):
         build_datasets(data, "qwen", tiny_tokenizer)
+
+
+def test_no_samples_at_all_is_one_error_naming_data_datasets(tmp_path, tiny_tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError) as error:
+        build_datasets(DataConfig(datasets=[DatasetSpec(str(empty))]), "qwen", tiny_tokenizer)
+    assert str(error.value) == ("data.datasets: no training samples are left after reading and filtering (check the "
+                                "files' paths and contents, and data.supervision.max_length)")
 
 
 def test_too_long_is_dropped_and_counted(tmp_path, tiny_tokenizer):

@@ -392,6 +392,28 @@ def test_default_command_trains_on_the_demo_data(tmp_path):
     assert "train:" in proc.stderr  # the tqdm progress bar
 
 
+def test_a_lambda_that_weighs_none_of_the_data_stops_train_py(tmp_path):
+    """General-only data at λ=1 has loss 0 at every step (the loss tests pin that a source of weight
+    0 never contributes); train.py refuses the run instead of training nothing for hours."""
+    data = tmp_path / "general.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi!"}) + "\n")
+    common = ["model=tiny", "hardware=cpu", "wandb.mode=disabled", "train.max_steps=1", "data.eval_ratio=0",
+              f"data.datasets=[{{path:{data},source:general}}]"]
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), *common, "loss.lambda_agent=1", f"output_dir={tmp_path / 'a'}"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "train.py: error: loss.lambda_agent: 1 gives general data no weight, and the training data holds only general "
+        "samples, so the loss would be 0 and nothing would train. Set loss.lambda_agent below 1, or add agent data")
+
+    from agenttune.training import check_sources_weighted
+
+    check_sources_weighted({1}, 0.0)  # general-only data at λ=0, or at any λ < 1, trains it at full weight
+    check_sources_weighted({0, 1}, 1.0)  # both present: λ=1 simply ignores the general data, by request
+    with pytest.raises(ConfigError, match="0 gives agent data no weight.*Set loss.lambda_agent above 0, or add general"):
+        check_sources_weighted({0}, 0.0)
+
+
 def test_wandb_online_without_a_key_is_one_message_naming_wandb_mode(tmp_path):
     """wandb.init raises UsageError with no API key; that is a setting to fix, before any step."""
     args = [a for a in FAST if not a.startswith("wandb.")] + ["wandb.mode=online", "train.max_steps=1",

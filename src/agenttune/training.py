@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
+from agenttune.data.pipeline import SOURCE_IDS
 from agenttune.data.templates import get_template
 from agenttune.storage import SaveError, free_bytes, free_space_line, gib, is_write_error
 
@@ -614,6 +615,18 @@ def source_nll(accelerator, model, batch: dict, impl: str, chunk: int) -> torch.
 def source_counts(batch: dict) -> torch.Tensor:
     """Weighted trained-token count per source, (2,): the sum of the token weights."""
     return source_sums(batch["target_weights"], batch["source"])
+
+
+def check_sources_weighted(sources: set[int], lambda_agent: float) -> None:
+    """Refuse a λ that gives every source in the training data weight 0 (general-only data at
+    λ=1, agent-only at λ=0): the loss would be 0 at every step and nothing would train."""
+    weights = {SOURCE_IDS["agent"]: lambda_agent, SOURCE_IDS["general"]: 1.0 - lambda_agent}
+    if sources and all(weights[s] == 0 for s in sources):
+        only, other, fix = (("general", "agent", "below 1") if sources == {SOURCE_IDS["general"]}
+                            else ("agent", "general", "above 0"))
+        raise ConfigError(f"loss.lambda_agent: {lambda_agent:g} gives {only} data no weight, and the training data holds "
+                          f"only {only} samples, so the loss would be 0 and nothing would train. Set loss.lambda_agent "
+                          f"{fix}, or add {other} data")
 
 
 def source_scales(counts: torch.Tensor, lambda_agent: float) -> torch.Tensor:

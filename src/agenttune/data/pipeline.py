@@ -188,8 +188,8 @@ def build_datasets(data: DataConfig, template: str, tokenizer) -> DataBundle:
     eval_cols = encode_all(evals, tokenizer, template, data.supervision, report)
     check_errors(report, data.on_error, data.rejects_file)
     if not train_cols["input_ids"]:
-        raise DataErrors([DataError("data", "no training samples are left after reading and filtering",
-                                    "check data.datasets paths and supervision.max_length", "empty")], 1)
+        raise DataError("data.datasets", "no training samples are left after reading and filtering",  # not a bad record
+                        "check the files' paths and contents, and data.supervision.max_length", "empty")
     train_ds = datasets.Dataset.from_dict(train_cols)
     eval_ds = datasets.Dataset.from_dict(eval_cols) if eval_cols["input_ids"] else None
     summary = report.as_dict()
