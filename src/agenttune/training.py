@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from agenttune.config import ConfigError, HardwareConfig, LossConfig, TrainConfig, WandbConfig
-from agenttune.data.pipeline import SOURCE_IDS
+from agenttune.data.schema import SOURCE_IDS
 from agenttune.data.templates import get_template
 from agenttune.storage import SaveError, free_bytes, free_space_line, gib, is_write_error
 

@@ -24,13 +24,12 @@ from ..storage import free_space_line, is_write_error
 from .encode import encode_batch
 from .options import DataConfig, DatasetSpec, SupervisionConfig
 from .readers import read_file
-from .schema import Conversation, DataError, DataErrors
+from .schema import SOURCE_IDS, Conversation, DataError, DataErrors
 from .templates import get_template
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED_ERRORS = 20
-SOURCE_IDS = {"agent": 0, "general": 1}
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 SOURCES = ("agent", "general")
+SOURCE_IDS = {name: i for i, name in enumerate(SOURCES)}  # the `source` column: 0 agent, 1 general
 
 
 class DataError(ValueError):
