@@ -48,9 +48,9 @@ case "$cmd" in
     #    is downloaded) on agent + general data with L = λ·L_agent + (1-λ)·L_general.
     python train.py experiment=demo output_dir="$run" "$@"
     # 3. Score held-out tasks (unseen phrasings and entities) with the tuned model and the base it started
-    #    from, in bf16 (model.dtype: the weights the matmuls ran in under training's autocast).
+    #    from, in the precision training's matmuls ran in (bf16 or fp32: model.dtype=auto).
     python infer.py mode=predict adapter="$run/final" predict.input="$heldout" predict.output_dir="$run/predict" \
-      predict.limit=30 predict.batch_size=16 generation.max_new_tokens=96 predict.baseline=true model.dtype=bfloat16
+      predict.limit=30 predict.batch_size=16 generation.max_new_tokens=96 predict.baseline=true
     # 4. The tuned agent answers a new question by calling the real demo tools.
     python infer.py mode=agent adapter="$run/final" agent.offer=[get_weather,calculator] \
       "agent.query='What is the weather in Warsaw on 2025-01-16?'"  # quoted for Hydra's override grammar

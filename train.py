@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -58,6 +59,7 @@ from agenttune.training import (
     peak_memory_gb,
     plot_losses,
     preemption_agreed,
+    resolve_mixed_precision,
     sampling_groups,
     save_checkpoint,
     save_final,
@@ -72,6 +74,7 @@ def train(cfg: Config) -> TrainState:
     # ---------------------------------------------------------------- setup
     out = Path(cfg.output_dir).resolve()
     preemption = catch_preemption()  # SIGUSR1 (Slurm's time-limit warning): checkpoint, exit 85, requeue
+    cfg = replace(cfg, hardware=resolve_mixed_precision(cfg.hardware))  # auto: measured, recorded in config.yaml
     accelerator = build_accelerator(cfg.hardware, cfg.train)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if accelerator.device.type == "cpu":

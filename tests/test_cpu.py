@@ -1,14 +1,21 @@
-"""agenttune.cpu: freed memory kept for reuse on glibc."""
+"""agenttune.cpu: freed memory kept for reuse on glibc; the bf16-or-fp32 probe behind
+hardware.mixed_precision=auto (and model.dtype=auto at inference)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from test_train_support import env
+import yaml
+
+from agenttune import cpu
+from agenttune.config import HardwareConfig
+from agenttune.training import resolve_mixed_precision
+from test_train_support import FAST, ROOT, env, run_train
 
 # A training step's pattern of allocations: large buffers (above glibc's 32 MiB mmap ceiling and
 # below it) alive together, then all freed; the page faults of 20 such steps after 2 warm-up ones.
@@ -41,3 +48,75 @@ def test_kept_memory_is_reused_without_page_faults():
     default, kept = page_faults("default"), page_faults("keep")
     assert default > 20 * 30_000, default
     assert kept * 10 < default, (kept, default)
+
+
+def test_matmul_speeds_are_measured_in_both_precisions():
+    speeds = cpu.matmul_speeds(tokens=64, width=64, out=128, repeats=2)
+    assert set(speeds) == {"fp32", "bf16"} and all(v > 0 for v in speeds.values()), speeds
+
+
+@pytest.mark.parametrize(("fp32", "bf16", "chosen"), [
+    (150.0, 363.0, True),   # oneDNN with AMX / AVX-512 BF16 kernels: the demo VM on 12-06's morning
+    (265.0, 157.0, False),  # the same VM type without them, that afternoon
+    (100.0, 115.0, False),  # within the margin: bf16's rounding is not worth 15%
+])
+def test_bf16_is_chosen_only_by_a_clear_margin(monkeypatch, fp32, bf16, chosen):
+    monkeypatch.setattr(cpu, "matmul_speeds", lambda: {"fp32": fp32, "bf16": bf16})
+    cpu.bf16_is_faster.cache_clear()
+    try:
+        assert cpu.bf16_is_faster() == (chosen, {"fp32": fp32, "bf16": bf16})
+    finally:
+        cpu.bf16_is_faster.cache_clear()
+
+
+def test_auto_mixed_precision_follows_the_probe_and_leaves_explicit_values(monkeypatch):
+    for faster, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(cpu, "bf16_is_faster", lambda faster=faster: (faster, {"bf16": 1.0, "fp32": 1.0}))
+        assert resolve_mixed_precision(HardwareConfig(mixed_precision="auto")).mixed_precision == expected
+    monkeypatch.setattr(cpu, "bf16_is_faster", lambda: pytest.fail("an explicit value must not be probed"))
+    for value in ("no", "bf16"):
+        assert resolve_mixed_precision(HardwareConfig(mixed_precision=value)).mixed_precision == value
+
+
+AGREE = textwrap.dedent("""
+    import os, sys
+    import torch
+    import agenttune.cpu as cpu
+    from agenttune.config import HardwareConfig
+    from agenttune.training import resolve_mixed_precision
+    rank = int(os.environ["RANK"])
+    rank0_says = sys.argv[1] == "bf16"
+    # each rank's own probe would answer differently (2 ranks timing matmuls on 2 shared cores can)
+    cpu.bf16_is_faster = lambda: (rank0_says if rank == 0 else not rank0_says, {"bf16": 1.0, "fp32": 1.0})
+    print(f"rank {rank}: {resolve_mixed_precision(HardwareConfig(mixed_precision='auto')).mixed_precision}")
+    torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit
+""")
+
+
+def test_auto_mixed_precision_is_rank_zeros_choice_on_every_rank(tmp_path):
+    """Two CPU processes (real DDP over gloo): rank 0 measures and the other ranks take its answer;
+    ranks training with different autocast dtypes would still all-reduce, silently."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    e = env()
+    e["ACCELERATE_USE_CPU"] = "1"
+    for rank0_says, expected in (("bf16", "bf16"), ("no", "no")):
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "--main_process_port", str(29700 + os.getpid() % 1000), str(script), rank0_says],
+                              env=e, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+            f"rank 0: {expected}", f"rank 1: {expected}"], proc.stdout
+
+
+def test_train_records_what_auto_resolved_to(tmp_path):
+    """The run's config.yaml holds the precision it trained in, which inference and a resume read;
+    the log says what was measured."""
+    proc = run_train(tmp_path, FAST + ["hardware.mixed_precision=auto", "train.max_steps=1",
+                                       f"output_dir={tmp_path / 'o'}"])
+    saved = yaml.safe_load((tmp_path / "o" / "checkpoints" / "step-1" / "config.yaml").read_text())
+    chosen = saved["hardware"]["mixed_precision"]
+    assert chosen in ("bf16", "no")
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "hardware.mixed_precision=auto" in line)
+    assert f"auto: {chosen} (this CPU multiplies bf16 at " in line, line

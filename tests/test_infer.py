@@ -162,6 +162,28 @@ def test_model_dtype_applies_to_a_run_and_its_base(workspace, run):
             assert next(load_run_base(cfg, "qwen").model.parameters()).dtype == expected
 
 
+@pytest.mark.parametrize(("trained", "cpu_bf16_faster", "expected"), [
+    ("bf16", True, "bfloat16"),   # the precision its matmuls trained in, where this CPU runs it fast
+    ("bf16", False, "auto"),      # float32 on this CPU: bf16 would be slower here
+    ("no", True, "auto"),         # trained in float32: stays float32
+])
+def test_auto_dtype_follows_the_runs_autocast_where_the_cpu_is_fast(tmp_path, monkeypatch, trained, cpu_bf16_faster,
+                                                                  expected):
+    from agenttune import cpu
+    from agenttune.config import ModelConfig
+    from agenttune.inference.config import InferConfig
+    from agenttune.inference.loading import with_asked_dtype
+
+    run_config = tmp_path / "config.yaml"
+    run_config.write_text(f"hardware:\n  mixed_precision: {trained}\n")
+    monkeypatch.setattr(cpu, "bf16_is_faster", lambda: (cpu_bf16_faster, {"bf16": 2.0, "fp32": 1.0}))
+    monkeypatch.setattr("agenttune.inference.loading.bf16_is_faster", cpu.bf16_is_faster)
+    run_model = ModelConfig(name="m", path="tiny")
+    assert with_asked_dtype(run_model, InferConfig(device="cpu"), run_config).dtype == expected
+    asked = InferConfig(device="cpu", model=ModelConfig(dtype="float32"))
+    assert with_asked_dtype(run_model, asked, run_config).dtype == "float32"  # model.dtype= always wins
+
+
 def test_predictions_that_cannot_be_written_are_one_message_after_the_metrics(workspace):
     """The kernel refuses writes past 1 KB (RLIMIT_FSIZE, as a full disk refuses any); the
     predictions file is larger. The scores were printed before the write, so they are not lost."""

@@ -23,7 +23,7 @@ from agenttune.data.options import DataConfig
 TEMPLATES = ("qwen", "llama3", "react", "chatml", "chatml_compact")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TUNERS = ("lora", "dora", "qlora", "full")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 STRATEGIES = ("ddp", "deepspeed", "fsdp")
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 ON_NONFINITE = ("stop", "skip")
@@ -121,7 +121,10 @@ class TunerConfig:
 class HardwareConfig:
     name: str = "cpu"
     mixed_precision: str = "no"
-    """no, bf16 or fp16: Accelerate's autocast; weights stay fp32 unless model.dtype says otherwise."""
+    """no, bf16 or fp16: Accelerate's autocast; weights stay fp32 unless model.dtype says otherwise.
+    auto: bf16 on a GPU that has it (else fp16); on a CPU, bf16 only where a start-up probe
+    measures bf16 matmuls at least 1.2x as fast as fp32's, else no (CPUs differ: with AMX or
+    AVX-512 BF16 kernels bf16 is 2-3x faster, without them slower)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% more compute."""
     strategy: str = "ddp"

@@ -21,7 +21,7 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,36 @@ def export_submitit_env() -> None:
 
     # Keep every GPU visible: Accelerate picks cuda:LOCAL_RANK itself.
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def resolve_mixed_precision(hardware: HardwareConfig) -> HardwareConfig:
+    """``hardware.mixed_precision=auto`` made concrete, the same on every rank: on CUDA bf16 where
+    the GPU has it, else fp16; on a CPU bf16 only where rank 0 measures its bf16 matmuls at least
+    1.2x float32's speed (agenttune.cpu.bf16_is_faster), else fp32 (``no``); elsewhere ``no``.
+    The run's saved config records the result."""
+    if hardware.mixed_precision != "auto":
+        return hardware
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.device.type == "cuda":
+        chosen = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        reason = f"{torch.cuda.get_device_name(state.device)} {'has' if chosen == 'bf16' else 'lacks'} bf16"
+    elif state.device.type == "cpu":
+        decision = [None, None]  # as long as rank 0's list: the broadcast fills it in place
+        if state.is_main_process:
+            from agenttune.cpu import bf16_is_faster
+
+            faster, speeds = bf16_is_faster()
+            decision = ["bf16" if faster else "no",
+                        f"this CPU multiplies bf16 at {speeds['bf16']:.0f} GFLOP/s, fp32 at {speeds['fp32']:.0f}"]
+        chosen, reason = broadcast_object_list(decision) if state.num_processes > 1 else decision
+    else:
+        chosen, reason = "no", f"no autocast default for {state.device.type}"
+    if state.is_main_process:
+        log.info("hardware.mixed_precision=auto: %s (%s)", chosen, reason)
+    return replace(hardware, mixed_precision=chosen)
 
 
 def build_accelerator(hardware: HardwareConfig, train: TrainConfig):

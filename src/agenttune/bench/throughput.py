@@ -79,13 +79,18 @@ def conf_dir() -> Path:
 
 
 def compose_config(overrides: list[str]):
-    """The typed Config that ``python train.py <overrides>`` would run with."""
+    """The typed Config that ``python train.py <overrides>`` would run with
+    (``hardware.mixed_precision=auto`` resolved as train.py resolves it)."""
+    from dataclasses import replace
+
     from hydra import compose, initialize_config_dir
 
     from agenttune.config import to_config
+    from agenttune.training import resolve_mixed_precision
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return to_config(compose("train", overrides=overrides))
+        cfg = to_config(compose("train", overrides=overrides))
+    return replace(cfg, hardware=resolve_mixed_precision(cfg.hardware))
 
 
 def layout_overrides(layout: str) -> list[str]:

@@ -9,8 +9,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from agenttune.config import ModelConfig
+from agenttune.cpu import bf16_is_faster
 from agenttune.data.templates import TEMPLATES, Template, get_template
 from agenttune.inference.config import InferConfig
 from agenttune.merging import MergeError, attach_adapter, find_run_config, load_base, read_run_config
@@ -78,14 +80,30 @@ def load_for_inference(cfg: InferConfig) -> Loaded:
 def load_run_base(cfg: InferConfig, template: str) -> Loaded:
     """The model the run at ``cfg.adapter`` started from (its saved config's model), rendered with
     ``template``: the "before" of a tuner=full run."""
-    model_cfg, _ = read_run_config(find_run_config(Path(cfg.adapter)))
-    return load_for_inference(replace(cfg, adapter=None, model=with_asked_dtype(model_cfg, cfg), template=template))
+    run_config = find_run_config(Path(cfg.adapter))
+    model_cfg, _ = read_run_config(run_config)
+    model_cfg = with_asked_dtype(model_cfg, cfg, run_config)
+    return load_for_inference(replace(cfg, adapter=None, model=model_cfg, template=template))
 
 
-def with_asked_dtype(run_model: ModelConfig, cfg: InferConfig) -> ModelConfig:
-    """The run's model section, with the dtype ``model.dtype=`` asks for at inference (the run's
-    own is usually auto, which means float32 on a CPU)."""
-    return run_model if cfg.model.dtype == "auto" else replace(run_model, dtype=cfg.model.dtype)
+def with_asked_dtype(run_model: ModelConfig, cfg: InferConfig, run_config: Path) -> ModelConfig:
+    """The run's model section, with the dtype inference runs it in: the one ``model.dtype=``
+    asks for; with auto the run's own (usually auto too: float32 on a CPU, bf16 on a GPU that has
+    it), except that a run whose matmuls trained under bf16 autocast runs in bf16 on a CPU that
+    multiplies bf16 faster than float32 (agenttune.cpu.bf16_is_faster)."""
+    if cfg.model.dtype != "auto":
+        return replace(run_model, dtype=cfg.model.dtype)
+    if run_model.dtype == "auto" and pick_device(cfg.device).type == "cpu" and trained_in_bf16(run_config):
+        faster, speeds = bf16_is_faster()
+        if faster:
+            log.info("model.dtype=auto: bfloat16, as %s trained under bf16 autocast (this CPU multiplies bf16 "
+                     "at %.0f GFLOP/s, fp32 at %.0f)", run_config.parent.name, speeds["bf16"], speeds["fp32"])
+            return replace(run_model, dtype="bfloat16")
+    return run_model
+
+
+def trained_in_bf16(run_config: Path) -> bool:
+    return OmegaConf.select(OmegaConf.load(run_config), "hardware.mixed_precision") == "bf16"
 
 
 def _load_plain(model_cfg: ModelConfig, cfg: InferConfig, device: torch.device) -> Loaded:
@@ -104,7 +122,7 @@ def _load_run(adapter: Path, cfg: InferConfig, device: torch.device) -> Loaded:
     model_cfg, tuner = read_run_config(run_config)
     template = get_template(cfg.template or model_cfg.template)
     name = f"{adapter.parent.name}/{adapter.name}"
-    model_cfg = with_asked_dtype(model_cfg, cfg)
+    model_cfg = with_asked_dtype(model_cfg, cfg, run_config)
     dtype = inference_dtype(model_cfg, device)
     source = f"model.path in {run_config}"
     if tuner.uses_adapter:
