@@ -119,4 +119,4 @@ def test_train_records_what_auto_resolved_to(tmp_path):
     chosen = saved["hardware"]["mixed_precision"]
     assert chosen in ("bf16", "no")
     line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "hardware.mixed_precision=auto" in line)
-    assert f"auto: {chosen} (this CPU multiplies bf16 at " in line, line
+    assert f"auto: {'no (fp32)' if chosen == 'no' else chosen} (this CPU multiplies bf16 at " in line, line

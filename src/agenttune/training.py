@@ -82,7 +82,7 @@ def resolve_mixed_precision(hardware: HardwareConfig) -> HardwareConfig:
     else:
         chosen, reason = "no", f"no autocast default for {state.device.type}"
     if state.is_main_process:
-        log.info("hardware.mixed_precision=auto: %s (%s)", chosen, reason)
+        log.info("hardware.mixed_precision=auto: %s (%s)", "no (fp32)" if chosen == "no" else chosen, reason)
     return replace(hardware, mixed_precision=chosen)
 
 
