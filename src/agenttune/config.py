@@ -57,8 +57,10 @@ class ModelConfig:
     template: str = "qwen"
     """Chat template the data is rendered with and that is saved with the final model."""
     dtype: str = "auto"
-    """Weights dtype at load. auto: bfloat16 for adapter tuners under bf16 mixed precision
-    (the frozen base needs no fp32 master copy), float32 otherwise."""
+    """Weights dtype at load. auto, in train.py: bfloat16 for adapter tuners under bf16 mixed
+    precision (the frozen base needs no fp32 master copy), float32 otherwise. auto, in infer.py:
+    bfloat16 on a GPU that has it; on a CPU float32, or bfloat16 for a run that trained under bf16
+    autocast where this CPU multiplies bf16 faster (agenttune.cpu.bf16_is_faster)."""
     trust_remote_code: bool = False
     """Run modeling code shipped with the checkpoint. Off unless you trust its author."""
     attn_implementation: str | None = None

@@ -95,9 +95,9 @@ def with_asked_dtype(run_model: ModelConfig, cfg: InferConfig, run_config: Path)
         return replace(run_model, dtype=cfg.model.dtype)
     if run_model.dtype == "auto" and pick_device(cfg.device).type == "cpu" and trained_in_bf16(run_config):
         faster, speeds = bf16_is_faster()
+        log.info("model.dtype=auto: %s, for a run that trained under bf16 autocast (this CPU multiplies bf16 "
+                 "at %.0f GFLOP/s, fp32 at %.0f)", "bfloat16" if faster else "float32", speeds["bf16"], speeds["fp32"])
         if faster:
-            log.info("model.dtype=auto: bfloat16, as %s trained under bf16 autocast (this CPU multiplies bf16 "
-                     "at %.0f GFLOP/s, fp32 at %.0f)", run_config.parent.name, speeds["bf16"], speeds["fp32"])
             return replace(run_model, dtype="bfloat16")
     return run_model
 
