@@ -137,6 +137,19 @@ def test_train_py_stops_at_start_naming_the_bad_key(tmp_path):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("multirun", [False, True])
+def test_an_output_dir_that_cannot_be_created_is_one_message_naming_the_key(tmp_path, multirun):
+    """Hydra makes the run directory before main() runs; under a file it would raise in Hydra."""
+    (tmp_path / "a-file").write_text("")
+    key = "hydra.sweep.dir" if multirun else "output_dir"
+    args = ["-m", f"hydra.sweep.dir={tmp_path}/a-file/sweep"] if multirun else [f"output_dir={tmp_path}/a-file/run"]
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), *args, "train.max_steps=1"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"train.py: error: {key}: cannot create the directory {tmp_path}/a-file/" in proc.stderr
+    assert "Not a directory" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.path=/no/such/model"], re.escape("model.path: /no/such/model is not a directory (a model directory, a hub id")),
     (["model.path=./no-such-model"], re.escape("model.path: ./no-such-model is not a directory")),

@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agenttune.data.options import DataConfig
@@ -54,6 +56,11 @@ class ModelConfig:
     or ``python-package:NAME``, the directory of an installed Python package (one that ships a GGUF)."""
     gguf_file: str | None = None
     """A GGUF file inside ``path`` to load (transformers de-quantizes it)."""
+    gguf_cache: bool = True
+    """Keep the de-quantized GGUF as an ordinary checkpoint under ``$AGENTTUNE_CACHE/gguf/`` (made at
+    the first load, one per load dtype: 4 bytes a parameter in float32, 2 in bfloat16), so later
+    loads skip transformers' de-quantization (SmolLM2-135M: 19 s against under 1 s on 2 CPU cores).
+    The weights are the ones the GGUF gives, bit for bit. false: de-quantize at every load."""
     template: str = "qwen"
     """Chat template the data is rendered with and that is saved with the final model."""
     dtype: str = "auto"
@@ -355,6 +362,29 @@ def _reject_unknown_keys(node, path: str) -> None:
         if known is not None and key not in known:
             raise ConfigError(f"{full}: unknown key (the schema {schema.__name__} has {', '.join(sorted(known))})")
         _reject_unknown_keys(node._get_node(key), full)
+
+
+class CheckOutputDir(Callback):
+    """Hydra creates the run's directory (train.py pins hydra.run.dir to output_dir) before the
+    script's main() runs, and one it cannot create (a path under a file, no permission) ends in
+    Hydra's own traceback. Registered in conf/train.yaml's hydra.callbacks, this creates it
+    first and, if it cannot, says which key to change."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _create_dir("output_dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _create_dir("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def _create_dir(key: str, path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        script = os.path.basename(sys.argv[0]) or "agenttune"
+        print(f"{script}: error: {key}: cannot create the directory {path} ({e.strerror}: {e.filename}); "
+              "set it to a directory you can write", file=sys.stderr)
+        sys.exit(1)
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from agenttune.config import Config, ConfigError, ModelConfig, TunerConfig
 from agenttune.data.schema import Conversation, Message, ToolCall
 from agenttune.data.templates import Template
-from agenttune.modeling import load_kwargs, lora_config, plain_gguf, quantization_config_nf4, resolve_model_path
+from agenttune.modeling import load_pretrained, lora_config, plain_gguf, quantization_config_nf4, resolve_model_path
 from agenttune.training import checkpoint_dirs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -139,7 +139,7 @@ def load_base(model_cfg: ModelConfig, dtype: torch.dtype, dequantize_nf4: bool, 
     path = resolve_model_path(model_cfg.path)
     if Path(path).is_absolute() and not Path(path).is_dir():  # a local path, not a hub id: say so plainly
         raise MergeError(f"base model {path} ({source}) does not exist. If the base moved, pass base=DIR.")
-    kwargs = {**load_kwargs(model_cfg), "dtype": dtype}
+    kwargs = {"dtype": dtype}
     if dequantize_nf4:
         if not torch.cuda.is_available():
             raise MergeError(
@@ -149,7 +149,7 @@ def load_base(model_cfg: ModelConfig, dtype: torch.dtype, dequantize_nf4: bool, 
             )
         kwargs["quantization_config"] = quantization_config_nf4()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = load_pretrained(AutoModelForCausalLM, path, model_cfg, output_loading_info=True, **kwargs)
         model = plain_gguf(model)
     except (OSError, ValueError) as e:
         raise MergeError(

@@ -8,6 +8,7 @@ autograd graph at the first checkpointed block (see ``enable_input_require_grads
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -55,11 +56,63 @@ def from_pretrained(loader, model_cfg: ModelConfig, **kwargs):
         raise ConfigError(f"model.path: {path} is not a directory (a model directory, a hub id such as "
                           "Qwen/Qwen2.5-7B-Instruct, tiny, or python-package:NAME)")
     try:
-        return loader.from_pretrained(path, **load_kwargs(model_cfg), **kwargs)
+        return load_pretrained(loader, path, model_cfg, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         offline = " (HF_HUB_OFFLINE=1: nothing is downloaded)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ConfigError(f"model.path: could not load {model_cfg.path} ({path}): {first}{offline}") from None
+
+
+def load_pretrained(loader, path: str, model_cfg: ModelConfig, **kwargs):
+    """``loader.from_pretrained(path)`` with model.gguf_file and model.trust_remote_code. A GGUF is
+    read from its de-quantized copy (``gguf_copy``), made on first use, and the result keeps
+    ``path`` as its name, so an adapter records the model's own directory as its base."""
+    copy = gguf_copy(loader, path, model_cfg, kwargs.get("dtype")) if model_cfg.gguf_file and model_cfg.gguf_cache else None
+    if copy is None:
+        return loader.from_pretrained(path, **load_kwargs(model_cfg), **kwargs)
+    loaded = loader.from_pretrained(str(copy), trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
+    model.name_or_path = path
+    if hasattr(model, "config"):
+        model.config.name_or_path = path
+    return loaded
+
+
+class _Packed(Exception):
+    """The GGUF kept packed layers (the `kernels` package unpacks them at run time): no plain copy."""
+
+
+def gguf_copy(loader, path: str, model_cfg: ModelConfig, dtype: torch.dtype | None) -> Path | None:
+    """The GGUF ``path/model.gguf_file`` as an ordinary checkpoint directory (the tokenizer, or
+    the model in ``dtype``) under ``$AGENTTUNE_CACHE/gguf/``: transformers de-quantizes a GGUF at every
+    load, and the copy is saved from exactly what that load returns. Keyed on the file (path,
+    size, mtime) and the transformers version. None where there is no plain copy to make: no such
+    file (from_pretrained then says so) or packed layers."""
+    from transformers import __version__ as transformers_version
+
+    from agenttune.tiny import atomic_build, cache_dir
+
+    gguf = Path(path) / model_cfg.gguf_file
+    if not gguf.is_file():
+        return None
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers_version}".encode()).hexdigest()[:12]
+    part = "tokenizer" if "Tokenizer" in loader.__name__ else f"model-{str(dtype).removeprefix('torch.')}"
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}" / part
+
+    def build(out: Path) -> None:
+        loaded = loader.from_pretrained(path, **load_kwargs(model_cfg), **({"dtype": dtype} if dtype else {}))
+        loaded = plain_gguf(loaded) if part != "tokenizer" else loaded
+        if getattr(loaded, "hf_quantizer", None) is not None:
+            raise _Packed
+        loaded.save_pretrained(out)
+
+    if not target.exists():
+        log.info("model.gguf_file: de-quantizing %s once into %s (model.gguf_cache=false: at every load)", gguf, target)
+    try:
+        return atomic_build(target, build)
+    except _Packed:
+        return None
 
 
 def load_kwargs(model_cfg: ModelConfig) -> dict:

@@ -7,6 +7,7 @@ downstream (PEFT, Accelerate, datasets) takes exactly the path a 7B model takes.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,19 +55,21 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _atomic_build(target: Path, build) -> Path:
+def atomic_build(target: Path, build) -> Path:
     """Build into a temp dir next to ``target`` and rename, so concurrent ranks or an
     interrupted build never leave a half-written cache entry behind."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    build(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, target)
     except OSError:  # another process won the race; theirs is identical
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -102,7 +105,7 @@ def _build_tokenizer(out: Path, texts: list[str] | None = None, vocab_size: int 
 
 
 def tiny_tokenizer_dir() -> Path:
-    return _atomic_build(cache_dir() / f"tiny-tokenizer-{TINY_VERSION}", _build_tokenizer)
+    return atomic_build(cache_dir() / f"tiny-tokenizer-{TINY_VERSION}", _build_tokenizer)
 
 
 def load_tiny_tokenizer():
@@ -140,7 +143,7 @@ def build_tiny_model(out: Path, *, hidden: int = 64, layers: int = 2, seed: int 
 
 def tiny_model_dir(hidden: int = 64, layers: int = 2) -> Path:
     name = f"tiny-qwen2-h{hidden}-l{layers}-{TINY_VERSION}"
-    return _atomic_build(cache_dir() / name, lambda p: build_tiny_model(p, hidden=hidden, layers=layers))
+    return atomic_build(cache_dir() / name, lambda p: build_tiny_model(p, hidden=hidden, layers=layers))
 
 
 # ----------------------------------------------------------------------------- the demo model
@@ -190,4 +193,4 @@ def demo_model_dir() -> Path:
 
     # Named by the generator's code hash too: its tokenizer is trained on that data.
     name = f"tiny-demo-qwen2-h{DEMO_HIDDEN}-l{DEMO_LAYERS}-{TINY_VERSION}-{DEMO_VERSION}-{_code_hash()}"
-    return _atomic_build(cache_dir() / name, _build_demo_model)
+    return atomic_build(cache_dir() / name, _build_demo_model)

@@ -100,17 +100,16 @@ def load_tokenizer(path: str | None):
         return load_tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    from ..modeling import resolve_model_path
+    from ..config import ModelConfig
+    from ..modeling import load_pretrained, resolve_model_path
 
     where = Path(resolve_model_path(path)).expanduser()
     if path.startswith(("/", ".", "~")) and not where.exists():
         raise FileNotFoundError(f"no such directory: {where}")
-    kwargs = {}
+    gguf = None
     if where.is_dir() and not (where / "tokenizer_config.json").exists():
-        ggufs = sorted(where.glob("*.gguf"))
-        if ggufs:
-            kwargs["gguf_file"] = ggufs[0].name
-    return AutoTokenizer.from_pretrained(str(where), **kwargs)
+        gguf = next(iter(sorted(where.glob("*.gguf"))), None)
+    return load_pretrained(AutoTokenizer, str(where), ModelConfig(path=path, gguf_file=gguf and gguf.name))
 
 
 def main(argv=None) -> int:

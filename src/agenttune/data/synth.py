@@ -1240,9 +1240,9 @@ def default_dir() -> Path:
     """The set at the default seed and sizes, generated into ``$AGENTTUNE_CACHE`` on first use;
     data paths name its files as ``synth://agent_train.sharegpt.jsonl``. The folder is named by
     a hash of the generating code, so a changed generator or tool never serves stale files."""
-    from ..tiny import _atomic_build, cache_dir
+    from ..tiny import atomic_build, cache_dir
 
-    return _atomic_build(cache_dir() / f"synth-{_code_hash()}", generate)
+    return atomic_build(cache_dir() / f"synth-{_code_hash()}", generate)
 
 
 def main(argv: list[str] | None = None) -> int:
