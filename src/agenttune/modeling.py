@@ -79,7 +79,8 @@ def load_pretrained(loader, path: str, model_cfg: ModelConfig, **kwargs):
 
 
 class _Packed(Exception):
-    """The GGUF kept packed layers (the `kernels` package unpacks them at run time): no plain copy."""
+    """The GGUF kept packed layers (the `kernels` package unpacks them at run time): no plain copy,
+    so every load reads the GGUF (twice: the try, then the load itself)."""
 
 
 def gguf_copy(loader, path: str, model_cfg: ModelConfig, dtype: torch.dtype | None) -> Path | None:
@@ -97,12 +98,11 @@ def gguf_copy(loader, path: str, model_cfg: ModelConfig, dtype: torch.dtype | No
         return None
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers_version}".encode()).hexdigest()[:12]
-    part = "tokenizer" if "Tokenizer" in loader.__name__ else f"model-{str(dtype).removeprefix('torch.')}"
+    part = "tokenizer" if "Tokenizer" in loader.__name__ else f"model-{str(dtype).removeprefix('torch.') if dtype else 'auto'}"
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key}" / part
 
     def build(out: Path) -> None:
-        loaded = loader.from_pretrained(path, **load_kwargs(model_cfg), **({"dtype": dtype} if dtype else {}))
-        loaded = plain_gguf(loaded) if part != "tokenizer" else loaded
+        loaded = plain_gguf(loader.from_pretrained(path, **load_kwargs(model_cfg), **({"dtype": dtype} if dtype else {})))
         if getattr(loaded, "hf_quantizer", None) is not None:
             raise _Packed
         loaded.save_pretrained(out)
