@@ -18,10 +18,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from agenttune.config import ConfigError
+from agenttune.config import ConfigError, keys_help
 from agenttune.data.templates import get_template
 from agenttune.merging import (
     DTYPES,
+    HelpRequested,
     MergeConfig,
     MergeError,
     attach_adapter,
@@ -116,6 +117,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         merge(parse_args(argv))
+    except HelpRequested:
+        print(f"{__doc__.strip()}\n\nKeys (key=value):\n{keys_help(MergeConfig)}")
+        return 0
     except (ConfigError, MergeError) as e:
         print(f"merge.py: error: {e}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from agenttune.config import Config, ConfigError, TrainConfig, to_config
+from agenttune.config import Config, ConfigError, HardwareConfig, TrainConfig, keys_help, to_config
 from test_train_support import CONF_DIR, ROOT, TRAIN_PY, compose, env
 
 GROUPS = ("model", "data", "tuner", "hardware")
@@ -218,3 +218,41 @@ def test_fsdp_without_gpus_stops_instead_of_training_unsharded(tmp_path):
                      check=False)
     assert proc.returncode != 0
     assert "hardware=fsdp asks for FSDP but Accelerate runs as NO" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script, keys", [
+    ("train.py", ["model.gguf_cache", "data.datasets[i].balance_by", "tuner.top_layers", "train.max_minutes", "loss.lambda_agent"]),
+    ("infer.py", ["mode", "generation.temperature", "predict.baseline", "agent.tools", "port"]),
+    ("merge.py", ["adapter", "dtype", "adapter_only"]),
+])
+def test_help_prints_usage_and_every_key_with_its_doc(script, keys, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert f"python {script}" in proc.stdout  # the usage examples come first
+    for key in keys:
+        doc = lines[lines.index(key) + 1]
+        assert doc.startswith("    ") and len(doc.strip()) > 10, (key, doc)
+    assert "(undocumented)" not in proc.stdout and not list(tmp_path.iterdir())  # --help writes nothing
+
+
+def test_every_config_key_has_a_docstring():
+    from agenttune.inference.config import InferConfig
+    from agenttune.merging import MergeConfig
+
+    for schema in (Config, InferConfig, MergeConfig):
+        text = keys_help(schema)
+        assert "(undocumented)" not in text, [line for line in text.splitlines() if not line.startswith(" ")]
+
+
+def test_a_launch_over_another_machine_count_warns(monkeypatch, caplog):
+    from agenttune.training import build_accelerator, launched_machines
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert launched_machines(16) == 2 and launched_machines(8) == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert launched_machines(1) == 1  # python train.py, no launcher
+    with caplog.at_level("WARNING", logger="agenttune.training"):
+        build_accelerator(HardwareConfig(name="two-nodes", num_machines=2), TrainConfig(global_batch_size=2, micro_batch_size=2))
+    assert "hardware=two-nodes is written for 2 machines but this run spans 1" in caplog.text

@@ -10,10 +10,14 @@ names the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
 import os
 import sys
+import textwrap
+import typing
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -84,8 +88,11 @@ class TunerConfig:
     name: str = "lora"
     """lora, dora (weight-decomposed LoRA), qlora (LoRA over a 4-bit NF4 base, CUDA only) or full."""
     r: int = 8
+    """LoRA rank: the inner dimension of each adapter's two matrices."""
     alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.05
+    """Dropout on each adapter's input while training."""
     target_modules: str = "all-linear"
     """all-linear (every linear layer but the output head), or comma-separated module names
     (quoted on the command line: tuner.target_modules='q_proj,v_proj'); each must name a layer."""
@@ -129,6 +136,7 @@ class TunerConfig:
 @dataclass
 class HardwareConfig:
     name: str = "cpu"
+    """The profile's name (conf/hardware/NAME.yaml), used in messages."""
     mixed_precision: str = "no"
     """no, bf16 or fp16: Accelerate's autocast; weights stay fp32 unless model.dtype says otherwise.
     auto: bf16 on a GPU that has it (else fp16); on a CPU, bf16 only where a start-up probe
@@ -144,6 +152,7 @@ class HardwareConfig:
     num_processes: int = 1
     """Processes this profile is written for. A run launched with another count warns."""
     num_machines: int = 1
+    """Machines this profile is written for. A run launched over another count warns."""
 
     def __post_init__(self) -> None:
         _one_of("hardware.mixed_precision", self.mixed_precision, MIXED_PRECISION)
@@ -158,6 +167,7 @@ class TrainConfig:
     """The loop and the optimizer. Defaults follow ms-swift's agent recipe."""
 
     epochs: float = 2.0
+    """Passes over the training data (fractions allowed) when max_steps is not set."""
     max_steps: int = -1
     """Optimizer steps to run. > 0 overrides epochs."""
     max_minutes: float = 0.0
@@ -171,10 +181,13 @@ class TrainConfig:
     global_batch_size: int = 32
     """Samples per optimizer step over all processes; the rest is gradient accumulation."""
     lr: float = 5e-5
+    """Peak learning rate of AdamW, reached after the warm-up."""
     weight_decay: float = 0.1
     """Applied to matrices only; biases and norm weights are never decayed."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's β₁ and β₂."""
     eps: float = 1e-8
+    """AdamW's ε."""
     optimizer_impl: str = "auto"
     """How torch's AdamW runs its update (the same arithmetic each way). fused: one kernel over
     all parameters (CPU, CUDA); foreach: batched per-op kernels; for_loop: one parameter at a
@@ -188,18 +201,25 @@ class TrainConfig:
     max_grad_norm: float = 0.5
     """Clip the global gradient norm to this; <= 0 disables clipping (the norm is still logged)."""
     scheduler: str = "cosine"
+    """The learning rate after the warm-up: cosine or linear decay to 0, or constant_with_warmup."""
     warmup_ratio: float = 0.03
     """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
     eval_steps: int = 100
+    """Evaluate every this many optimizer steps, and at the last step."""
     save_steps: int = 100
+    """Save a checkpoint every this many optimizer steps, and whenever eval/loss improves; the
+    last step's weights also go to final/."""
     save_total_limit: int = 2
     """Newest checkpoints kept, plus the best one by eval/loss."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a lower eval/loss. 0 disables."""
     log_steps: int = 1
+    """Log the training metrics (metrics.jsonl, W&B, the progress bar) every this many optimizer steps."""
     on_nonfinite: str = "stop"
     """stop: raise when the loss or gradient norm is NaN/inf; skip: drop that update and go on."""
     seed: int = 42
+    """Seeds the new weights (adapters: the same on every process), the row order, and dropout
+    (per process); a resumed run restores each process's random state from its checkpoint."""
     sampler: str = "shuffle"
     """The row order of an epoch. shuffle: a uniform shuffle, so a step's agent/general mix
     varies around the data's (8 samples of a half-and-half mix: 4 ± 1.4 agent). balanced: each
@@ -297,10 +317,13 @@ class WandbConfig:
     mode: str | None = None
     """online, offline or disabled. None: $WANDB_MODE if set, else online with WANDB_API_KEY, else offline."""
     project: str = "agenttune"
+    """W&B project the run is logged to."""
     entity: str | None = None
+    """W&B team or user; None: the API key's default entity."""
     name: str | None = None
     """Run name; None uses the output_dir's name."""
     tags: list[str] = field(default_factory=list)
+    """W&B tags of the run."""
 
     def __post_init__(self) -> None:
         if self.mode is not None:
@@ -327,9 +350,62 @@ class Config:
         _require(bool(self.output_dir), "output_dir", "must be set")
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: inspect.cleandoc(doc.value.value)
+        for node, doc in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+    }
+
+
+def keys_help(cls: type, prefix: str = "") -> str:
+    """Every key of a config dataclass with its docstring, nested dataclasses flattened into
+    dotted keys (``model.path``); the fields of a list's items read ``data.datasets[i].path``."""
+    hints, docs, parts = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        key, kind = prefix + f.name, hints[f.name]
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list and typing.get_args(kind) else None
+        if dataclasses.is_dataclass(kind):
+            parts.append(keys_help(kind, key + "."))
+        elif item is not None and dataclasses.is_dataclass(item):
+            parts.append(f"{key}\n{textwrap.indent(docs.get(f.name, 'a list of:'), '    ')}")
+            parts.append(keys_help(item, key + "[i]."))
+        else:
+            parts.append(f"{key}\n{textwrap.indent(docs.get(f.name, '(undocumented)'), '    ')}")
+    return "\n".join(parts)
+
+
+def register_help(name: str, script: str, usage: str, schema: type) -> None:
+    """``hydra/help=<name>``: the script's ``--help`` prints its usage, the config groups, every key
+    of ``schema`` with its docstring, then the config composed from the command line."""
+    keys = keys_help(schema).replace("$", "$$").replace("$${", "$\\${")  # string.Template, then OmegaConf
+    template = (f"{usage.strip()}\n\n== Config groups (group=option) ==\n$APP_CONFIG_GROUPS\n\n"
+                f"== Keys (key=value) ==\n{keys}\n\n== The config these arguments compose ==\n$CONFIG")
+    ConfigStore.instance().store(group="hydra/help", name=name,
+                                 node={"app_name": script, "header": "", "footer": "", "template": template})
+
+
+TRAIN_USAGE = """
+train.py: fine-tune a chat model into a tool-using agent, L = λ·L_agent + (1-λ)·L_general.
+
+    python train.py                                   # tiny model, demo data, LoRA, CPU
+    python train.py experiment=demo                   # the README's demo: SmolLM2-135M on the synthetic world
+    accelerate launch train.py model=qwen7b tuner=lora hardware=8gpu
+    python train.py output_dir=runs/a resume=auto     # continue after a crash
+    python train.py -m sweep=local                    # a Hydra multirun sweep (sweep=slurm on a cluster)
+
+Arguments are Hydra overrides: group=option picks a file under conf/, key=value sets one key.
+An unknown key or a bad value stops at start with a message naming the key.
+"""
+
+
 def register_configs() -> None:
-    """Make ``train_schema`` available to ``conf/train.yaml``'s defaults list."""
+    """Make ``train_schema`` and its ``--help`` available to ``conf/train.yaml``'s defaults list."""
     ConfigStore.instance().store(name="train_schema", node=Config)
+    register_help("agenttune_train", "train.py", TRAIN_USAGE, Config)
 
 
 register_configs()

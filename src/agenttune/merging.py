@@ -68,11 +68,17 @@ class MergeConfig:
             raise ConfigError(f"max_shard_size: {self.max_shard_size!r} is not a size like 5GB or 500MB")
 
 
+class HelpRequested(Exception):
+    """merge.py -h/--help: print the usage and every key, exit 0."""
+
+
 def parse_args(argv: list[str]) -> MergeConfig:
     """``key=value`` arguments, as train.py takes them; an unknown key fails naming it."""
     known = {f.name for f in fields(MergeConfig)}
     bools = {"force", "adapter_only"}
     values: dict = {}
+    if {"-h", "--help"} & set(argv):
+        raise HelpRequested
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:

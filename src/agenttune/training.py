@@ -145,7 +145,19 @@ def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
             hardware.name, hardware.num_processes, accelerator.num_processes,
             train.global_batch_size, accumulation, hardware.num_processes,
         )
+    machines = launched_machines(accelerator.num_processes)
+    if accelerator.is_main_process and machines != hardware.num_machines:
+        log.warning("hardware=%s is written for %d machines but this run spans %d (WORLD_SIZE / LOCAL_WORLD_SIZE). "
+                    "Launch with: accelerate launch --num_machines %d --machine_rank R ...",
+                    hardware.name, hardware.num_machines, machines, hardware.num_machines)
     return accelerator
+
+
+def launched_machines(world: int) -> int:
+    """How many machines the launch spans: torchrun and accelerate launch set LOCAL_WORLD_SIZE,
+    the processes on each machine. A plain ``python train.py`` is one machine."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    return max(1, world // max(1, local))
 
 
 # ----------------------------------------------------------------------------- data

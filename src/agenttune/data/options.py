@@ -63,6 +63,8 @@ class DatasetSpec:
     """One input file (or directory of files) and how to read it."""
 
     path: str = "???"
+    """A .json or .jsonl file (a list of records, or one a line); ``pkg://data/...`` names a file
+    that ships inside agenttune, ``synth://NAME`` one of the synthetic world's files."""
     format: str = "auto"
     """auto-detected from the first record unless set: one of FORMATS."""
     source: str = "agent"
@@ -87,19 +89,25 @@ class DatasetSpec:
 @dataclass
 class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=list)
+    """The training files, each with its format, source (agent or general) and sample count."""
     eval_datasets: list[DatasetSpec] = field(default_factory=list)
     """Explicit eval files. When empty, eval_ratio of the training records is held out."""
     eval_ratio: float = 0.1
+    """Without eval_datasets: this fraction of the training records, drawn with data.seed, is held
+    out for eval/loss (at least one record). 0: no evaluation."""
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     on_error: str = "raise"
     """raise: stop at the first bad records (up to 20 listed); skip: drop them, count them
     by reason and write them to rejects_file."""
     rejects_file: str | None = None
+    """With on_error=skip: a .jsonl file that receives each dropped record's origin (file and line
+    or record index), kind and reason. None: they are only counted, by reason."""
     model_name: str = "agenttune"
     """Fills {{name}} in self-cognition data."""
     model_author: str = "agenttune"
     """Fills {{author}} in self-cognition data."""
     seed: int = 42
+    """Seeds the held-out draw of eval_ratio and each dataset's ``sample`` draw."""
     cache: bool = True
     """Save the tokenized datasets under $AGENTTUNE_CACHE/datasets and reuse them while the
     files, this config, the tokenizer and the pipeline code are unchanged. A cache that cannot

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from agenttune.config import TEMPLATES, ConfigError, ModelConfig
+from agenttune.config import TEMPLATES, ConfigError, ModelConfig, register_help
 from agenttune.data.options import FORMATS
 
 MODES = ("chat", "agent", "predict", "serve")
@@ -28,12 +28,17 @@ class SamplingConfig:
     """Decoding defaults; serve's requests override them per call."""
 
     max_new_tokens: int = 512
+    """Most tokens generated for one model turn."""
     temperature: float = 0.0
     """0 decodes greedily (reproducible; what predict should use)."""
     top_p: float = 1.0
+    """Nucleus sampling when temperature > 0: sample from the smallest set of tokens whose
+    probabilities sum to top_p. 1: all tokens."""
     seed: int = 0
     """Seeds sampling when temperature > 0."""
     repetition_penalty: float = 1.0
+    """Penalizes tokens already in the sequence, as transformers' repetition_penalty does (a positive
+    logit divided by it, a negative one multiplied); 1: off."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -66,6 +71,7 @@ class PredictConfig:
     input: list[str] = field(default_factory=list)
     """Eval files, any supported format (ms_agent, sharegpt, openai, alpaca, react_messages)."""
     format: str = "auto"
+    """The input files' format; auto detects it from each file's first record."""
     source: str | None = None
     """agent or general for every record; None: agent when a record declares tools, else general."""
     output_dir: str = "predictions"
@@ -101,11 +107,14 @@ class InferConfig:
     system: str | None = None
     """System prompt for chat and agent."""
     device: str = "auto"
+    """auto (CUDA when there is a GPU, else CPU), cpu or cuda."""
     generation: SamplingConfig = field(default_factory=SamplingConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     host: str = "127.0.0.1"
+    """mode=serve: the address to listen on (0.0.0.0 for every interface)."""
     port: int = 8000
+    """mode=serve: the TCP port."""
     served_name: str | None = None
     """Model id /v1/models reports; None uses model.name."""
     max_queue: int = 64
@@ -122,4 +131,18 @@ class InferConfig:
             _require(bool(self.predict.input), "predict.input", "name the eval file(s): predict.input=[a.jsonl,b.json]")
 
 
+INFER_USAGE = """
+infer.py: talk to a tuned agent: chat with it, let it call real tools, score it on an eval file,
+or serve it behind an OpenAI-compatible API.
+
+    python infer.py adapter=outputs/demo/RUN/final                  # mode=chat: a REPL on stdin
+    python infer.py mode=agent adapter=RUN/final "agent.query='Weather in Oslo on 2025-05-02?'"
+    python infer.py mode=predict adapter=RUN/final predict.input=[eval.jsonl] predict.baseline=true
+    python infer.py mode=serve model.path=merged/a port=8000        # then openai.OpenAI(base_url=...)
+
+adapter= loads a run's final/ or checkpoints/step-N with the base model and template from its
+config; model= or model.path= loads a base or merged model.
+"""
+
 ConfigStore.instance().store(name="infer_schema", node=InferConfig)
+register_help("agenttune_infer", "infer.py", INFER_USAGE, InferConfig)
