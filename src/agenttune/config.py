@@ -351,8 +351,12 @@ class Config:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring (the string literal under it in the class body), by field name."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    """Each field's docstring (the string literal under it in the class body), by field name;
+    none where the source is not installed (--help then shows the keys undocumented)."""
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError):
+        return {}
     return {
         node.target.id: inspect.cleandoc(doc.value.value)
         for node, doc in zip(body, body[1:])
