@@ -253,6 +253,7 @@ def test_a_launch_over_another_machine_count_warns(monkeypatch, caplog):
     assert launched_machines(16) == 2 and launched_machines(8) == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert launched_machines(1) == 1  # python train.py, no launcher
+    assert launched_machines(16) is None  # a launcher that does not say: nothing to check
     with caplog.at_level("WARNING", logger="agenttune.training"):
         build_accelerator(HardwareConfig(name="two-nodes", num_machines=2), TrainConfig(global_batch_size=2, micro_batch_size=2))
     assert "hardware=two-nodes is written for 2 machines but this run spans 1" in caplog.text

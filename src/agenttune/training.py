@@ -146,18 +146,21 @@ def build_accelerator(hardware: HardwareConfig, train: TrainConfig):
             train.global_batch_size, accumulation, hardware.num_processes,
         )
     machines = launched_machines(accelerator.num_processes)
-    if accelerator.is_main_process and machines != hardware.num_machines:
+    if accelerator.is_main_process and machines not in (None, hardware.num_machines):
         log.warning("hardware=%s is written for %d machines but this run spans %d (WORLD_SIZE / LOCAL_WORLD_SIZE). "
                     "Launch with: accelerate launch --num_machines %d --machine_rank R ...",
                     hardware.name, hardware.num_machines, machines, hardware.num_machines)
     return accelerator
 
 
-def launched_machines(world: int) -> int:
+def launched_machines(world: int) -> int | None:
     """How many machines the launch spans: torchrun and accelerate launch set LOCAL_WORLD_SIZE,
-    the processes on each machine. A plain ``python train.py`` is one machine."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
-    return max(1, world // max(1, local))
+    the processes on each machine. A single process is one machine; None where a launcher left
+    LOCAL_WORLD_SIZE unset (the count is unknown, so nothing is checked)."""
+    if world == 1:
+        return 1
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return max(1, world // int(local)) if local else None
 
 
 # ----------------------------------------------------------------------------- data
