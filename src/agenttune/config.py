@@ -382,11 +382,12 @@ def keys_help(cls: type, prefix: str = "") -> str:
     return "\n".join(parts)
 
 
-def register_help(name: str, script: str, usage: str, schema: type) -> None:
-    """``hydra/help=<name>``: the script's ``--help`` prints its usage, the config groups, every key
-    of ``schema`` with its docstring, then the config composed from the command line."""
+def register_help(name: str, script: str, usage: str, schema: type, groups: str = "group=option") -> None:
+    """``hydra/help=<name>``: the script's ``--help`` prints its usage, the config groups (Hydra
+    lists every group under conf/; ``groups`` heads the list), every key of ``schema`` with its
+    docstring, then the config composed from the command line."""
     keys = keys_help(schema).replace("$", "$$").replace("$${", "$\\${")  # string.Template, then OmegaConf
-    template = (f"{usage.strip()}\n\n== Config groups (group=option) ==\n$APP_CONFIG_GROUPS\n\n"
+    template = (f"{usage.strip()}\n\n== Config groups ({groups}) ==\n$APP_CONFIG_GROUPS\n\n"
                 f"== Keys (key=value) ==\n{keys}\n\n== The config these arguments compose ==\n$CONFIG")
     ConfigStore.instance().store(group="hydra/help", name=name,
                                  node={"app_name": script, "header": "", "footer": "", "template": template})

@@ -145,4 +145,4 @@ config; model= or model.path= loads a base or merged model.
 """
 
 ConfigStore.instance().store(name="infer_schema", node=InferConfig)
-register_help("agenttune_infer", "infer.py", INFER_USAGE, InferConfig)
+register_help("agenttune_infer", "infer.py", INFER_USAGE, InferConfig, groups="infer.py reads only model=option")
