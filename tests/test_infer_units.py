@@ -79,11 +79,23 @@ def test_react_text_without_keywords_is_not_an_answer():
     ("qwen", '<tool_call>\n{"arguments": {}}\n</tool_call>', '"name"'),
     ("qwen", '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>', "must be a JSON object"),
     ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"', "not valid JSON"),
+    ("chatml_kv", "<tool_call>\nget_weather\ncity Paris\n</tool_call>", "not `argument: value`"),
+    ("chatml_kv", "<tool_call>\nget_weather\ncity: Paris\ncity: Rome\n</tool_call>", "'city' twice"),
+    ("chatml_kv", '<tool_call>\nget_weather\ncity: "Paris\n</tool_call>', "starts as JSON but is not JSON"),
+    ("chatml_kv", "<tool_call>\ncity: Paris\n</tool_call>", "function's name on its own line"),
     ("react", "Action: get_weather\n", "no `Action Input:`"),
 ])
 def test_malformed_calls_are_reported_not_raised(template, text, needle):
     reply = parse_reply(template, text)
     assert not reply.ok and needle in reply.error and reply.tool_calls == []
+
+
+def test_kv_reads_hermes_json_and_lines_without_the_blank():
+    reply = parse_reply("chatml_kv", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    assert reply.ok and reply.tool_calls[0].args() == {"city": "Paris"}
+    # as JSON reads the same with or without blanks, a line reads the same without the one after the colon
+    reply = parse_reply("chatml_kv", "<tool_call>\nget_weather\ncity:Paris\ndays:2\n</tool_call>")
+    assert reply.ok and reply.tool_calls[0].args() == {"city": "Paris", "days": 2}
 
 
 def test_hermes_reads_reasoning_and_string_arguments():

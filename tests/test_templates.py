@@ -21,6 +21,7 @@ from agenttune.data.templates import (
     split_react,
     to_hf_messages,
 )
+from agenttune.inference.parsing import parse_reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 OFFICIAL = {"qwen": "qwen2_5_instruct.jinja", "llama3": "llama3_1_instruct.jinja"}
@@ -231,6 +232,66 @@ def test_compact_listing_keeps_what_the_schema_says(tiny_tokenizer):
     # the same conversation costs fewer tokens than with JSON schemas, and calls look the same
     json_text = TEMPLATES["chatml"].render_text(conv, add_generation_prompt=True)
     assert len(tiny_tokenizer(text)["input_ids"]) < 0.7 * len(tiny_tokenizer(json_text)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- chatml_kv
+
+# Values that each rule of chatml_kv's line format has to get right: plain text as written, and
+# JSON for whatever would otherwise read back as something else.
+KV_VALUES = {
+    "city": "Busan", "date": "2025-08-22", "expression": "565 * 6", "chinese": "北京 中心", "nan_word": "NaN",
+    "dash": "-", "hexish": "0x1", "number_text": "12", "negative_text": "-3", "exp_text": "1e5",
+    "inf_text": "-inf", "underscore_number": "1_000", "true_text": "true", "null_text": "null", "empty": "",
+    "trailing_blank": "x ", "leading_blank": " x", "newline": "a\nb", "quoted": '"q"', "list_text": "[1]",
+    "brace": "{a", "int": 12, "float": -1.5, "bool": True, "none": None, "list": [1, "a"], "object": {"a": 1},
+}
+
+
+def kv_conv(arguments: dict) -> Conversation:
+    return Conversation([
+        Message("user", "Weather in Busan on 2025-08-22?"),
+        Message("assistant", "", [ToolCall("get_weather", json.dumps(arguments))]),
+        Message("tool", '{"temp_c": 21}'),
+        Message("assistant", "21°C."),
+    ], tools=[WEATHER], origin="kv.jsonl:1")
+
+
+def test_kv_calls_write_text_as_written_and_the_rest_as_json(tiny_tokenizer):
+    conv = kv_conv(KV_VALUES)
+    text = TEMPLATES["chatml_kv"].render_text(conv)
+    assert text == hf_render(tiny_tokenizer, TEMPLATES["chatml_kv"].chat_template, conv)
+    turn = text.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>", 1)[0]
+    lines = turn.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>").split("\n")
+    assert lines[0] == "get_weather"
+    written = dict(line.split(": ", 1) for line in lines[1:])
+    plain = {"city", "date", "expression", "chinese", "nan_word", "dash", "hexish"}
+    assert {k for k, v in KV_VALUES.items() if written[k] == v} == plain
+    assert all(json.loads(written[k]) == v for k, v in KV_VALUES.items() if k not in plain)
+    reply = parse_reply("chatml_kv", turn)
+    assert reply.ok, reply.error
+    assert reply.tool_calls[0].args() == KV_VALUES
+
+
+def test_kv_call_copies_the_users_tokens(tiny_tokenizer):
+    """The point of the format: a name the user wrote is the same tokens in the call (after ": "),
+    where Hermes JSON splits it after a quote."""
+    conv = kv_conv({"city": "Busan", "date": "2025-08-22"})
+
+    def holds_user_tokens(template):
+        ids = tiny_tokenizer(TEMPLATES[template].render_text(conv))["input_ids"]
+        city = tiny_tokenizer(" Busan")["input_ids"]
+        return any(ids[i:i + len(city)] == city for i in range(len(ids) - len(city) + 1)
+                   if i > 0 and "city" in tiny_tokenizer.decode(ids[max(0, i - 3):i]))
+
+    assert holds_user_tokens("chatml_kv") and not holds_user_tokens("chatml_compact")
+
+
+@pytest.mark.parametrize("arguments", [{"a: b": 1}, {"": 1}, {" padded": 1}, {"multi\nline": 1}])
+def test_kv_falls_back_to_hermes_json_for_keys_a_line_cannot_hold(tiny_tokenizer, arguments):
+    conv = kv_conv(arguments)
+    text = TEMPLATES["chatml_kv"].render_text(conv)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": ' + json.dumps(arguments, ensure_ascii=False) in text
+    assert text == hf_render(tiny_tokenizer, TEMPLATES["chatml_kv"].chat_template, conv)
 
 
 # ----------------------------------------------------------------------------- react

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agenttune.data.options import DataConfig
 
-TEMPLATES = ("qwen", "llama3", "react", "chatml", "chatml_compact")
+TEMPLATES = ("qwen", "llama3", "react", "chatml", "chatml_compact", "chatml_kv")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TUNERS = ("lora", "dora", "qlora", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")

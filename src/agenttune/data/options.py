@@ -34,7 +34,7 @@ class SupervisionConfig:
     above 1 it puts more of the loss on that decision (ReAct turns start with ``Thought``)."""
     after_call_weight: float = 1.0
     """Multiplies the weight of the first trained token after each tool call of an assistant
-    turn. In the Hermes templates (qwen, chatml, chatml_compact) it decides between another
+    turn. In the `<tool_call>` templates (qwen, chatml, chatml_compact, chatml_kv) it decides between another
     parallel call (``\\n<tool_call>``) and ending the turn; in react it is the ``Observation:`` marker."""
     observation_weight: float = 0.0
     """Weight of tool-result tokens. 0 means never trained."""

@@ -160,7 +160,7 @@ def _hermes_call(call: ToolCall, origin: str) -> str:
     return f'<tool_call>\n{{"name": "{call.name}", "arguments": {_tojson(_call_args(call, origin))}}}\n</tool_call>'
 
 
-def _chatml_assistant(out: _Segments, conv: Conversation, i: int) -> None:
+def _chatml_assistant(out: _Segments, conv: Conversation, i: int, call_text=None) -> None:
     """``<|im_start|>assistant\\n`` [reasoning] content [\\n<tool_call>...]* ``<|im_end|>\\n``.
 
     Byte-identical to Qwen2.5's two assistant branches when there is no reasoning: with calls
@@ -175,7 +175,7 @@ def _chatml_assistant(out: _Segments, conv: Conversation, i: int) -> None:
     out.add(m.content, "assistant", "content", i)
     for k, call in enumerate(m.tool_calls):
         sep = "\n" if (k > 0 or m.content) else ""
-        out.add(sep + _hermes_call(call, conv.origin), "assistant", "tool_call", i)
+        out.add(sep + (call_text or _hermes_call)(call, conv.origin), "assistant", "tool_call", i)
     out.add("<|im_end|>", "assistant", "eot", i)
     out.add("\n", "assistant", HEADER, i)
 
@@ -745,10 +745,11 @@ def _compact_listing(tools: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _render_chatml(conv: Conversation, add_generation_prompt: bool, listing=_json_listing) -> list[Segment]:
+def _render_chatml(conv: Conversation, add_generation_prompt: bool, listing=_json_listing,
+                   intro=_CHATML_TOOLS_INTRO, call_text=None) -> list[Segment]:
     """Plain ChatML. Tools are listed in the system turn (``listing``: JSON schemas, or compact
-    signatures for chatml_compact), calls are Hermes ``<tool_call>`` blocks, and each tool
-    result is its own ``tool`` turn."""
+    signatures for chatml_compact and chatml_kv), calls are ``<tool_call>`` blocks (Hermes JSON,
+    or ``call_text``'s lines for chatml_kv), and each tool result is its own ``tool`` turn."""
     out = _Segments()
     msgs = conv.messages
     has_system = msgs[0].role == "system"
@@ -758,7 +759,7 @@ def _render_chatml(conv: Conversation, add_generation_prompt: bool, listing=_jso
         out.add("<|im_start|>system\n", "system", HEADER, sys_index)
         out.add(system, "system", "system", sys_index)
         if conv.tools:
-            out.add(("\n\n" if system else "") + _CHATML_TOOLS_INTRO + listing(_hf_tools(conv)), "system", HEADER,
+            out.add(("\n\n" if system else "") + intro + listing(_hf_tools(conv)), "system", HEADER,
                     sys_index)
         out.add("<|im_end|>", "system", "eot" if has_system else HEADER, sys_index)
         out.add("\n", "system", HEADER, sys_index)
@@ -766,7 +767,7 @@ def _render_chatml(conv: Conversation, add_generation_prompt: bool, listing=_jso
     for i in range(1 if has_system else 0, len(msgs)):
         m = msgs[i]
         if m.role == "assistant":
-            _chatml_assistant(out, conv, i)
+            _chatml_assistant(out, conv, i, call_text)
         elif m.role == "tool":
             out.add("<|im_start|>tool\n", "tool", HEADER, i)
             out.add(m.content, "tool", "observation", i)
@@ -866,6 +867,113 @@ def _render_chatml_compact(conv: Conversation, add_generation_prompt: bool) -> l
     return _render_chatml(conv, add_generation_prompt, listing=_compact_listing)
 
 
+# ----------------------------------------------------------------------------- chatml_kv
+
+# chatml_compact with calls written as lines: the function's name, then ``key: value`` per argument.
+# A string value is written as it is, so a name the user wrote (`` Busan`` after a space) is the same
+# tokens in the call, where JSON would split it after a quote (``"``·``Bus``·``an``). A small model
+# then copies rather than spells. Other values, and strings that would read as something else (a
+# number, ``true``, JSON, leading or trailing blanks, a newline), are written as JSON.
+_KV_TOOLS_INTRO = (
+    "# Tools\n\nYou can call the functions below. To call one, reply inside <tool_call></tool_call> tags "
+    "with the function's name, then one line per argument, its text as written (other values as JSON):\n"
+    "<tool_call>\n<function-name>\n<argument>: <value>\n</tool_call>\n\nFunctions"
+)
+_KV_JSON_START = '"[{ \t\r'
+_KV_BLANK_END = " \t\r"
+
+
+def _floats(text: str) -> bool:
+    try:
+        float(text)  # what Jinja's float filter tries
+        return True
+    except ValueError:
+        return False
+
+
+def _kv_value(value) -> str:
+    if (isinstance(value, str) and value and value[0] not in _KV_JSON_START and value[-1] not in _KV_BLANK_END
+            and "\n" not in value and value not in ("true", "false", "null")
+            and not (value[0] in "-0123456789" and _floats(value))):
+        return value
+    return _tojson(value)
+
+
+def _kv_key_ok(key: str) -> bool:
+    return bool(key) and ":" not in key and "\n" not in key and key == key.strip()
+
+
+def _kv_call(call: ToolCall, origin: str) -> str:
+    """``<tool_call>\nname\nkey: value...\n</tool_call>``; the Hermes JSON form where the arguments
+    are not an object or a key holds a colon, a newline or outer blanks (the parser reads both)."""
+    args = _call_args(call, origin)
+    if not isinstance(args, dict) or not all(_kv_key_ok(k) for k in args):
+        return _hermes_call(call, origin)
+    lines = "".join(f"\n{key}: {_kv_value(value)}" for key, value in args.items())
+    return f"<tool_call>\n{call.name}{lines}\n</tool_call>"
+
+
+def _render_chatml_kv(conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+    return _render_chatml(conv, add_generation_prompt, listing=_compact_listing, intro=_KV_TOOLS_INTRO,
+                          call_text=_kv_call)
+
+
+_KV_ASSISTANT_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
+        {%- if message.reasoning_content %}
+            {{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}
+        {%- endif %}
+        {{- message.content }}
+        {%- for tool_call in message.tool_calls | default([]) %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {%- if message.content or not loop.first %}
+                {{- '\n' }}
+            {%- endif %}
+            {%- set args = tool_call.arguments %}
+            {%- set ns = namespace(lines=args is mapping) %}
+            {%- if ns.lines %}
+                {%- for key in args %}
+                    {%- if not key or ':' in key or '\n' in key or key != key | trim %}
+                        {%- set ns.lines = false %}
+                    {%- endif %}
+                {%- endfor %}
+            {%- endif %}
+            {%- if ns.lines %}
+                {{- '<tool_call>\n' + tool_call.name }}
+                {%- for key, value in args.items() %}
+                    {{- '\n' + key + ': ' }}
+                    {%- if value is string and value and value[0] not in '\"[{ \t\r' and value[-1] not in ' \t\r' and '\n' not in value and value not in ['true', 'false', 'null'] and not (value[0] in '-0123456789' and (value | float(none)) is not none) %}
+                        {{- value }}
+                    {%- else %}
+                        {{- value | tojson }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- '\n</tool_call>' }}
+            {%- else %}
+                {{- '<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
+                {%- if args is string %}
+                    {{- args }}
+                {%- else %}
+                    {{- args | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endif %}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+"""
+_HERMES_INTRO_JINJA = (
+    "        {{- '# Tools\\n\\nYou can call the functions below. To call one, reply with a JSON object inside "
+    "<tool_call></tool_call> tags:\\n' }}\n"
+    "        {{- '<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call>\\n\\nFunctions' }}\n"
+)
+assert _HERMES_INTRO_JINJA in _CHATML_HEAD_JINJA
+CHATML_KV_CHAT_TEMPLATE = (
+    _CHATML_HEAD_JINJA.replace(_HERMES_INTRO_JINJA, "        {{- " + json.dumps(_KV_TOOLS_INTRO) + " }}\n")
+    + _COMPACT_LISTING_JINJA + _CHATML_TAIL_JINJA.replace(_HERMES_ASSISTANT_JINJA, _KV_ASSISTANT_JINJA)
+)
+
+
 # ----------------------------------------------------------------------------- registry
 
 # Hermes templates (qwen, chatml) stop at the end of the turn, not at </tool_call>: a turn may hold
@@ -878,6 +986,7 @@ TEMPLATES: dict[str, Template] = {
     "chatml": Template("chatml", CHATML_CHAT_TEMPLATE, ("<|im_end|>",), "<|im_end|>", _render_chatml),
     "chatml_compact": Template("chatml_compact", CHATML_COMPACT_CHAT_TEMPLATE, ("<|im_end|>",), "<|im_end|>",
                                _render_chatml_compact),
+    "chatml_kv": Template("chatml_kv", CHATML_KV_CHAT_TEMPLATE, ("<|im_end|>",), "<|im_end|>", _render_chatml_kv),
 }
 
 

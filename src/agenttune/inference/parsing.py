@@ -3,6 +3,8 @@
 The inverse of the templates' rendering (a round-trip test holds each template to that):
 
 - qwen, chatml (Hermes): ``[<think>...</think>] content <tool_call>{"name", "arguments"}</tool_call>*``
+- chatml_kv: ``<tool_call>name\nkey: value...</tool_call>``, each value JSON where it reads as
+  JSON, else the text itself (the Hermes JSON form is read too)
 - llama3: a bare ``{"name": ..., "parameters": {...}}`` turn (optionally after ``<|python_tag|>``)
 - react: ``Thought: ... Action: name / Action Input: {...}`` (possibly several), or ``Final Answer: ...``
 
@@ -62,7 +64,48 @@ def _call_from_json(body: str, arguments_key: str) -> ToolCall:
     return ToolCall(name=obj["name"], arguments=canonical_json(args))
 
 
-def parse_hermes(text: str) -> Reply:
+def _reject_constant(name: str):
+    raise ValueError(name)  # NaN and Infinity are not JSON
+
+
+def _kv_value(raw: str, key: str, name: str):
+    """A value as :func:`agenttune.data.templates._kv_call` writes it: JSON where it reads as JSON,
+    else the text itself."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as err:
+        if raw[:1] in ('"', "[", "{"):
+            raise ValueError(f"the value of {key!r} in the call of {name} starts as JSON but is not JSON "
+                             f"({getattr(err, 'msg', err)}): {raw[:80]!r}") from None
+        return raw
+
+
+def _call_from_lines(body: str) -> ToolCall:
+    """chatml_kv: the function's name on the first line, then one ``key: value`` line per argument.
+    A body that opens with ``{`` is read as Hermes JSON."""
+    if body.startswith("{"):
+        return _call_from_json(body, "arguments")
+    name, *lines = body.split("\n")
+    name = name.strip()
+    if not name or " " in name or ":" in name:
+        raise ValueError(f"a tool call must start with the function's name on its own line: {body[:120]!r}")
+    args: dict = {}
+    for line in lines:
+        key, sep, raw = line.partition(":")  # keys hold no colon; the blank after it may be missing
+        if not sep or not key:
+            raise ValueError(f"the call of {name} has a line that is not `argument: value`: {line[:80]!r}")
+        raw = raw.removeprefix(" ")
+        if key in args:
+            raise ValueError(f"the call of {name} gives {key!r} twice")
+        args[key] = _kv_value(raw, key, name)
+    return ToolCall(name=name, arguments=canonical_json(args))
+
+
+def parse_kv(text: str) -> Reply:
+    return parse_hermes(text, _call_from_lines)
+
+
+def parse_hermes(text: str, read_call=None) -> Reply:
     reasoning = None
     body = text
     think = _THINK.match(body)
@@ -75,7 +118,8 @@ def parse_hermes(text: str) -> Reply:
     calls, error = [], None
     for match in _HERMES_CALL.finditer(body, start):
         try:
-            calls.append(_call_from_json(match.group(1).strip(), "arguments"))
+            inner = match.group(1).strip(" \t\r\n")
+            calls.append(read_call(inner) if read_call else _call_from_json(inner, "arguments"))
         except ValueError as err:
             error = str(err)
             break
@@ -115,8 +159,8 @@ def parse_react(text: str) -> Reply:
         return Reply(content="", error=str(err), text=text)
 
 
-PARSERS = {"qwen": parse_hermes, "chatml": parse_hermes, "chatml_compact": parse_hermes, "llama3": parse_llama3,
-           "react": parse_react}
+PARSERS = {"qwen": parse_hermes, "chatml": parse_hermes, "chatml_compact": parse_hermes, "chatml_kv": parse_kv,
+           "llama3": parse_llama3, "react": parse_react}
 
 
 def parse_reply(template: str, text: str) -> Reply:

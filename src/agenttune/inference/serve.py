@@ -33,7 +33,8 @@ from agenttune.inference.generate import Completion, Generator, held_back
 from agenttune.inference.parsing import parse_reply
 
 # Text from which a tool call begins, per template: streamed content stops there.
-CALL_MARKERS = {"qwen": "<tool_call>", "chatml": "<tool_call>", "chatml_compact": "<tool_call>", "llama3": "{",
+CALL_MARKERS = {"qwen": "<tool_call>", "chatml": "<tool_call>", "chatml_compact": "<tool_call>",
+                "chatml_kv": "<tool_call>", "llama3": "{",
                 "react": "Action:"}
 
 
