@@ -227,7 +227,8 @@ def _render_qwen(conv: Conversation, add_generation_prompt: bool) -> list[Segmen
 # The assistant turn shared by the two Hermes-style templates (qwen, chatml): optional
 # <think> reasoning, the content, then each call as <tool_call>{"name", "arguments"}</tool_call>.
 # Spliced into each template string, so every saved chat_template still stands alone.
-_HERMES_ASSISTANT_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
+# The assistant turn up to each call (reasoning, content, the newline between calls), and its end.
+_ASSISTANT_OPEN_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
         {%- if message.reasoning_content %}
             {{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}
         {%- endif %}
@@ -239,7 +240,11 @@ _HERMES_ASSISTANT_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
             {%- if message.content or not loop.first %}
                 {{- '\n' }}
             {%- endif %}
-            {{- '<tool_call>\n{"name": "' }}
+"""
+_ASSISTANT_CLOSE_JINJA = r"""        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+"""
+_HERMES_ASSISTANT_JINJA = _ASSISTANT_OPEN_JINJA + r"""            {{- '<tool_call>\n{"name": "' }}
             {{- tool_call.name }}
             {{- '", "arguments": ' }}
             {%- if tool_call.arguments is string %}
@@ -248,9 +253,7 @@ _HERMES_ASSISTANT_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
                 {{- tool_call.arguments | tojson }}
             {%- endif %}
             {{- '}\n</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\n' }}
-"""
+""" + _ASSISTANT_CLOSE_JINJA
 
 
 # The official Qwen2.5-Instruct template with one addition: an assistant message's
@@ -918,19 +921,7 @@ def _render_chatml_kv(conv: Conversation, add_generation_prompt: bool) -> list[S
                           call_text=_kv_call)
 
 
-_KV_ASSISTANT_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
-        {%- if message.reasoning_content %}
-            {{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}
-        {%- endif %}
-        {{- message.content }}
-        {%- for tool_call in message.tool_calls | default([]) %}
-            {%- if tool_call.function is defined %}
-                {%- set tool_call = tool_call.function %}
-            {%- endif %}
-            {%- if message.content or not loop.first %}
-                {{- '\n' }}
-            {%- endif %}
-            {%- set args = tool_call.arguments %}
+_KV_ASSISTANT_JINJA = _ASSISTANT_OPEN_JINJA + r"""            {%- set args = tool_call.arguments %}
             {%- set ns = namespace(lines=args is mapping) %}
             {%- if ns.lines %}
                 {%- for key in args %}
@@ -959,9 +950,7 @@ _KV_ASSISTANT_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
                 {%- endif %}
                 {{- '}\n</tool_call>' }}
             {%- endif %}
-        {%- endfor %}
-        {{- '<|im_end|>\n' }}
-"""
+""" + _ASSISTANT_CLOSE_JINJA
 _HERMES_INTRO_JINJA = (
     "        {{- '# Tools\\n\\nYou can call the functions below. To call one, reply with a JSON object inside "
     "<tool_call></tool_call> tags:\\n' }}\n"
