@@ -224,10 +224,9 @@ def _render_qwen(conv: Conversation, add_generation_prompt: bool) -> list[Segmen
     return out.items
 
 
-# The assistant turn shared by the two Hermes-style templates (qwen, chatml): optional
-# <think> reasoning, the content, then each call as <tool_call>{"name", "arguments"}</tool_call>.
-# Spliced into each template string, so every saved chat_template still stands alone.
-# The assistant turn up to each call (reasoning, content, the newline between calls), and its end.
+# The assistant turn up to each call (optional <think> reasoning, the content, the newline between
+# calls), and its end: shared by the Hermes templates and chatml_kv. Spliced into each template
+# string, so every saved chat_template still stands alone.
 _ASSISTANT_OPEN_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
         {%- if message.reasoning_content %}
             {{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}
@@ -244,6 +243,7 @@ _ASSISTANT_OPEN_JINJA = r"""        {{- '<|im_start|>assistant\n' }}
 _ASSISTANT_CLOSE_JINJA = r"""        {%- endfor %}
         {{- '<|im_end|>\n' }}
 """
+# Hermes (qwen, chatml, chatml_compact): each call as <tool_call>{"name", "arguments"}</tool_call>.
 _HERMES_ASSISTANT_JINJA = _ASSISTANT_OPEN_JINJA + r"""            {{- '<tool_call>\n{"name": "' }}
             {{- tool_call.name }}
             {{- '", "arguments": ' }}

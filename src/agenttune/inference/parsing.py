@@ -68,7 +68,7 @@ def _reject_constant(name: str):
     raise ValueError(name)  # NaN and Infinity are not JSON
 
 
-def _kv_value(raw: str, key: str, name: str):
+def _read_kv_value(raw: str, key: str, name: str):
     """A value as :func:`agenttune.data.templates._kv_call` writes it: JSON where it reads as JSON,
     else the text itself."""
     try:
@@ -97,7 +97,7 @@ def _call_from_lines(body: str) -> ToolCall:
         raw = raw.removeprefix(" ")
         if key in args:
             raise ValueError(f"the call of {name} gives {key!r} twice")
-        args[key] = _kv_value(raw, key, name)
+        args[key] = _read_kv_value(raw, key, name)
     return ToolCall(name=name, arguments=canonical_json(args))
 
 
