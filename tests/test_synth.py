@@ -2,6 +2,7 @@
 and with a held-out split that shares no phrasing or entity with training."""
 
 import datetime as dt
+import difflib
 import json
 import os
 import re
@@ -285,6 +286,26 @@ def test_heldout_prompts_are_not_training_prompts(out):
     held = {t["value"] for r in lines(out / "agent_heldout.sharegpt.jsonl") for t in r["conversations"]
             if t["from"] == "human"}
     assert not train & held
+
+
+def _words(template: str, lang: str) -> list[str]:
+    """A phrasing's words (English) or characters (Chinese), without placeholders and punctuation."""
+    text = re.sub(r"\{\w+\}", " ", template.lower())
+    return re.findall(r"[a-z°']+", text) if lang == "en" else re.findall(r"[^\W\d_a-z]", text)
+
+
+def test_no_heldout_phrasing_is_a_training_phrasing_give_or_take_a_word():
+    """Distinct template ids are not enough: "Please work out {expr}." was held out while "Work out
+    {expr}." trained (and "Please: " is a training opening). Each held-out phrasing must differ from
+    every training phrasing of its request by more than a word or two: similarity below 0.75 (two
+    of the paraphrases measured 0.80 and 0.83 before they were reworded; the closest now 0.73)."""
+    for kind, langs in synth.PHRASES.items():
+        for lang, split in langs.items():
+            for held in split["heldout"]:
+                for train in split["train"]:
+                    a, b = _words(held, lang), _words(train, lang)
+                    similarity = difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+                    assert similarity < 0.75, (kind, lang, held, train, round(similarity, 2))
 
 
 # ----------------------------------------------------------------------------- failed trajectories

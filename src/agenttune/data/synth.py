@@ -227,7 +227,7 @@ PHRASES: dict[str, P] = {
                "heldout": ["{category} 类商品有哪些？"]},
     },
     "flights": {
-        "en": {"train": ["Find flights from {origin} to {destination} on {date}.",
+        "en": {"train": ["Search for flights leaving {origin} for {destination} on {date}.",
                          "Which flights go from {origin} to {destination} on {date}?",
                          "Search flights {origin} to {destination}, {date}."],
                "heldout": ["Any flights from {origin} to {destination} on {date}?"]},
@@ -308,7 +308,7 @@ PHRASES: dict[str, P] = {
 # continue the numbering). Three per task taught a model keywords, not requests: 135M-parameter
 # SmolLM2 sent "Will it be nice in Bangkok on 2025-05-08?" (a held-out phrasing) to the calculator.
 _MORE_TRAIN: dict[str, dict[str, list[str]]] = {
- "calc": {"en": ["Work out {expr}.", "What does {expr} come to?", "Can you evaluate {expr}?", "Solve {expr}.",
+ "calc": {"en": ["Give me the value of {expr}.", "What does {expr} come to?", "Can you evaluate {expr}?", "Solve {expr}.",
                  "I need the result of {expr}.", "Quick math: {expr}?"],
           "zh": ["{expr} 的结果是什么？", "算算 {expr}。", "帮我求 {expr} 的值。", "{expr} 是多少？", "请计算 {expr} 的值。", "{expr} 算出来等于几？"]},
  "convert": {"en": ["Turn {value} {from_unit} into {to_unit}.", "{value} {from_unit} equals how many {to_unit}?",
@@ -344,7 +344,7 @@ _MORE_TRAIN: dict[str, dict[str, list[str]]] = {
  "temp_f": {"en": ["Tell me {city}'s temperature on {date} in °F.", "What will the temperature be in {city} on {date}, in Fahrenheit?",
                    "In °F, how warm is {city} on {date}?", "{city} on {date}: temperature in Fahrenheit?",
                    "Fahrenheit reading for {city} on {date}?", "How many degrees Fahrenheit in {city} on {date}?"],
-            "zh": ["{city} {date} 多少华氏度？", "告诉我 {date} {city} 的华氏温度。", "{date} {city} 气温用华氏度是多少？",
+            "zh": ["{city} {date} 的气温按华氏度算是几度？", "告诉我 {date} {city} 的华氏温度。", "{date} {city} 气温用华氏度是多少？",
                    "{city} 在 {date} 的温度换成华氏度。", "{city} {date} 的华氏气温是几度？", "用华氏度说一下 {date} {city} 的温度。"]},
  "trip_cost": {"en": ["How much would {n} people pay for the cheapest flight from {origin} to {destination} on {date}?",
                       "Cheapest {origin} to {destination} flight on {date}: total for {n} people?",
