@@ -297,8 +297,9 @@ def _words(template: str, lang: str) -> list[str]:
 def test_no_heldout_phrasing_is_a_training_phrasing_give_or_take_a_word():
     """Distinct template ids are not enough: "Please work out {expr}." was held out while "Work out
     {expr}." trained (and "Please: " is a training opening). Each held-out phrasing must differ from
-    every training phrasing of its request by more than a word or two: similarity below 0.75 (two
-    of the paraphrases measured 0.80 and 0.83 before they were reworded; the closest now 0.73)."""
+    every training phrasing of its request by more than a word or two: similarity below 0.75 (three
+    pairs measured 0.80, 0.80 and 0.83 before their training phrasings were reworded; the closest
+    pair now 0.73)."""
     for kind, langs in synth.PHRASES.items():
         for lang, split in langs.items():
             for held in split["heldout"]:
