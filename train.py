@@ -53,6 +53,7 @@ from agenttune.training import (
     forward_backward,
     init_wandb,
     leave_process_group,
+    leave_together,
     load_checkpoint,
     log_metrics,
     micro_batches,
@@ -202,7 +203,8 @@ def train(cfg: Config) -> TrainState:
             run.finish()
         log.info("done: %s holds the last weights; best eval/loss %s at checkpoints/step-%s",
                  out / "final", state.best_eval_loss, state.best_step)
-    accelerator.end_training()
+    del model, optimizer, scheduler  # the DDP wrapper holds the process group: gone before the group is
+    leave_together(accelerator)
     return state
 
 

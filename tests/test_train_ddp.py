@@ -65,3 +65,21 @@ def test_non_zero_ranks_switch_hydra_output_off(monkeypatch):
     assert module.rank_zero_only_hydra(["train.py", "a=1"]) == ["train.py", "a=1"]
     monkeypatch.setenv("RANK", "3")
     assert module.rank_zero_only_hydra(["train.py"]) == ["train.py", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def test_leave_together_drops_accelerates_reference_to_the_model():
+    """A prepared model (under DDP, the wrapper that holds the process group) is freed before
+    end_training destroys the group, not in interpreter teardown."""
+    import weakref
+
+    from accelerate import Accelerator
+
+    from agenttune.training import leave_together
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(4, 4))
+    ref = weakref.ref(model)
+    del model
+    assert ref() is not None  # accelerate keeps it until told otherwise
+    leave_together(accelerator)
+    assert ref() is None

@@ -1301,6 +1301,20 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def leave_together(accelerator) -> None:
+    """End the run on every rank at once, after the last reference to the prepared model.
+
+    Before, a rank that finished first (rank 0 still plotting and logging) destroyed the process
+    group alone while the DDP wrapper it kept still held the group, to be freed in interpreter
+    teardown. In one of four suite runs such a rank aborted after its work was done ("terminate
+    called without an active exception", exit -6, gloo's threads); it did not recur in 17 runs of
+    the test alone or of a two-rank script, so this removes both conditions rather than a cause
+    shown. The caller drops its own references to the model first; this drops accelerate's."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()
+
+
 def exit_for_requeue(accelerator, step: int, checkpoint: Path) -> None:
     """End the run after a preemption checkpoint with REQUEUE_EXIT_CODE (and the marker file)."""
     marker = os.environ.get(REQUEUE_MARKER_ENV)
