@@ -98,6 +98,22 @@ def test_sharegpt_function_call_observation_think_and_parallel(tmp_path):
     assert conv.tools == TOOLS
 
 
+def test_sharegpt_function_call_may_open_with_think(tmp_path):
+    rec = {"tools": json.dumps(TOOLS), "conversations": [
+        {"from": "human", "value": "12 km plus 3 mi, in mi?"},
+        {"from": "function_call", "value": "<think>\nConvert first, then add 3.\n</think>\n\n"
+                                           + json.dumps({"name": "convert_units", "arguments": {"value": 12}})},
+        {"from": "observation", "value": "7.456"},
+        {"from": "gpt", "value": "10.456 mi."}]}
+    conv = read_one(tmp_path, rec)
+    call = conv.messages[1]
+    assert call.reasoning == "Convert first, then add 3." and call.content == ""
+    assert [c.arguments for c in call.tool_calls] == ['{"value": 12}']
+    # What follows the reasoning must still be the calls' JSON.
+    rec["conversations"][1]["value"] = "<think>x</think> convert_units(12)"
+    assert read_error(tmp_path, rec).kind == "bad_arguments"
+
+
 def test_sharegpt_parallel_call_may_have_one_observation_turn_per_call(tmp_path):
     calls = json.dumps([{"name": "convert_units", "arguments": {"value": 12}},
                         {"name": "convert_units", "arguments": {"value": 1}}])

@@ -34,6 +34,11 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def call_json(value: str):
+    """A function_call turn's calls, after the plan (``<think>...</think>``) that may open it."""
+    return json.loads(value.split("</think>", 1)[-1])
+
+
 def read_all(path: Path) -> list[Conversation]:
     items = list(read_file(path))
     errors = [str(e) for e in items if isinstance(e, DataError)]
@@ -189,7 +194,7 @@ def test_turns_that_need_no_tool_are_many_and_varied():
 
 def test_parallel_calls_share_one_turn(out):
     for r in lines(out / "agent_train.sharegpt.jsonl"):
-        calls = [json.loads(t["value"]) for t in r["conversations"] if t["from"] == "function_call"]
+        calls = [call_json(t["value"]) for t in r["conversations"] if t["from"] == "function_call"]
         assert any(isinstance(c, list) and len(c) == 2 for c in calls) == (r["meta"]["shape"] == "parallel")
 
 
@@ -201,7 +206,7 @@ def test_second_calls_depend_on_first_results(out):
             continue
         turns = r["conversations"]
         first_obs = json.loads(next(t["value"] for t in turns if t["from"] == "observation"))
-        second_call = [json.loads(t["value"]) for t in turns if t["from"] == "function_call"][1]
+        second_call = [call_json(t["value"]) for t in turns if t["from"] == "function_call"][1]
         scalars = set()
 
         def collect(value):
@@ -219,11 +224,32 @@ def test_second_calls_depend_on_first_results(out):
     assert n > 10
 
 
+def test_two_call_chains_say_their_second_call_before_the_first(out):
+    """Only the first call of a two-call chain opens with a plan, in the question's language, and
+    the plan names the number the second call will need from the question."""
+    planned = 0
+    for r in lines(out / "agent_train.sharegpt.jsonl") + lines(out / "agent_heldout.sharegpt.jsonl"):
+        values = [t["value"] for t in r["conversations"] if t["from"] == "function_call"]
+        plans = [v.split("</think>")[0].removeprefix("<think>").strip() for v in values if v.startswith("<think>")]
+        if r["meta"]["task"] not in synth.PLANS:
+            assert plans == [], r["meta"]["id"]
+            continue
+        assert len(plans) == 1 and values[0].startswith("<think>"), r["meta"]["id"]
+        assert bool(CJK.search(plans[0])) == (r["meta"]["lang"] == "zh")
+        second = call_json(values[1])
+        if r["meta"]["task"] == "trip_cost":  # "price * n": n is in the plan
+            assert second["arguments"]["expression"].split(" * ")[1] in plans[0]
+        if r["meta"]["task"] == "total":  # "converted + b": b is in the plan
+            assert second["arguments"]["expression"].split(" + ")[1] in plans[0]
+        planned += 1
+    assert planned > 10
+
+
 def offered_and_called(record: dict) -> tuple[list[str], set[str]]:
     called = set()
     for t in record["conversations"]:
         if t["from"] == "function_call":
-            value = json.loads(t["value"])
+            value = call_json(t["value"])
             called |= {c["name"] for c in (value if isinstance(value, list) else [value])}
     return [t["name"] for t in json.loads(record["tools"])], called
 

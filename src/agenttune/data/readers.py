@@ -234,13 +234,14 @@ def read_sharegpt(record: dict, origin: str) -> Conversation:
                        "human/observation must alternate with gpt/function_call", "role_order")
         position += 1
         if role == "function_call":
+            reasoning, value = _split_think(value)  # reasoning before the calls, as a gpt turn may have
             try:
                 obj = json.loads(value)
             except json.JSONDecodeError as e:
                 raise _err(origin, f"function_call is not valid JSON ({e.msg}): {value[:80]!r}",
                            'write {"name": ..., "arguments": {...}}', "bad_arguments") from None
             calls = [_call_from_obj(o, origin) for o in (obj if isinstance(obj, list) else [obj])]
-            messages.append(Message("assistant", "", calls))
+            messages.append(Message("assistant", "", calls, reasoning=reasoning))
             more_results = len(calls) - 1
         elif role == "assistant":
             reasoning, content = _split_think(value)

@@ -26,7 +26,11 @@ same bytes. Files written to DIR:
 
 Agent episodes need 0 tool calls (chit-chat, requests no tool can serve), 1 call, 2 calls in
 sequence (the second call's arguments come from the first result), 2 parallel calls (one
-assistant turn), or span two user turns. Prompts are English or Chinese in both splits.
+assistant turn), or span two user turns. Prompts are English or Chinese in both splits. In the
+ShareGPT files the first call of a two-call sequence opens with a one-line plan in the prompt's
+language, as ``<think>`` reasoning (``PLANS``: "Cheapest flight first, then its price times 6."),
+so that the step after the first result reads what is left to do in the model's own words
+rather than in a phrasing it may never have seen.
 
 The held-out split never shares a prompt phrasing (template id) or an entity (city, product,
 SKU, aisle, date, number) with training: entity pools are partitioned up front
@@ -120,6 +124,9 @@ class Step:
 
     thought: str
     calls: list[Call]
+    plan: str | None = None
+    """What is left to do after these calls, said before them: ShareGPT records carry it as the
+    call turn's ``<think>`` reasoning. Only the first step of a two-call chain has one."""
 
 
 @dataclass
@@ -433,6 +440,13 @@ ANSWERS: dict[str, dict[str, str]] = {
     "out_of_stock": {"en": "No, {name} is out of stock.", "zh": "没有，{name} 已经缺货。"},
     "failed": {"en": "Sorry, I could not find that.", "zh": "抱歉，我没能查到。"},
 }
+# The plan said before the first call of a two-call chain: the second call's reason, written where
+# the question is still the last thing read, so the step after the first result reads it back.
+PLANS: dict[str, dict[str, str]] = {
+    "temp_f": {"en": "Weather first, then its °C in °F.", "zh": "先查天气，再把摄氏度换算成华氏度。"},
+    "trip_cost": {"en": "Cheapest flight first, then its price times {n}.", "zh": "先找最便宜的航班，再把票价乘以 {n}。"},
+    "total": {"en": "{a} {u1} in {u2} first, then plus {b}.", "zh": "先把 {a} {u1} 换算成 {u2}，再加上 {b}。"},
+}
 CONDITION_ZH = {"sunny": "晴", "cloudy": "多云", "rain": "雨", "snow": "雪", "windy": "大风", "fog": "雾"}
 
 
@@ -601,7 +615,7 @@ def task_temp_f(ctx: Ctx) -> Episode:
     c1, w = call("get_weather", city=city, date=date)
     c2, f = call("convert_units", value=w["temp_c"], from_unit="C", to_unit="F")
     tid, text = ctx.phrase("temp_f")
-    steps = [Step(f"I need the weather in {city} on {date}.", [c1]),
+    steps = [Step(f"I need the weather in {city} on {date}.", [c1], PLANS["temp_f"][ctx.lang]),
              Step(f"Now I convert {w['temp_c']} C to F.", [c2])]
     turn = Turn(text.format(city=city, date=date), steps,
                 answer("temp_f", ctx.lang, city=city, date=date, temp_c=w["temp_c"], temp_f=f["value"]))
@@ -616,7 +630,8 @@ def task_trip_cost(ctx: Ctx) -> Episode:
     best = _cheapest(r["flights"])
     c2, t = call("calculator", expression=f"{best['price']} * {n}")
     tid, text = ctx.phrase("trip_cost")
-    steps = [Step(f"I will search flights from {origin} to {destination} on {date}.", [c1]),
+    steps = [Step(f"I will search flights from {origin} to {destination} on {date}.", [c1],
+                  PLANS["trip_cost"][ctx.lang].format(n=n)),
              Step(f"The cheapest is {best['flight']}; I multiply its price by {n}.", [c2])]
     turn = Turn(text.format(origin=origin, destination=destination, date=date, n=n), steps,
                 answer("trip_cost", ctx.lang, flight=best["flight"], price=best["price"], n=n, total=t["result"]))
@@ -632,7 +647,8 @@ def task_total(ctx: Ctx) -> Episode:
     c1, conv = call("convert_units", value=a, from_unit=u1, to_unit=u2)
     c2, t = call("calculator", expression=f"{conv['value']} + {b}")
     tid, text = ctx.phrase("total")
-    steps = [Step(f"I convert {a} {u1} to {u2} first.", [c1]), Step(f"Now I add {b} {u2}.", [c2])]
+    steps = [Step(f"I convert {a} {u1} to {u2} first.", [c1], PLANS["total"][ctx.lang].format(a=a, u1=u1, u2=u2, b=b)),
+             Step(f"Now I add {b} {u2}.", [c2])]
     turn = Turn(text.format(a=a, b=b, u1=u1, u2=u2), steps,
                 answer("total", ctx.lang, a=a, u1=u1, u2=u2, converted=conv["value"], total=t["result"]))
     return Episode("total", ctx.lang, [tid], [turn], ["convert_units", "calculator"], {"numbers": [a, b]})
@@ -874,7 +890,10 @@ def sharegpt_record(ep: Episode, info: dict) -> dict:
         turns.append({"from": "human", "value": t.user})
         for s in t.steps:
             calls = [{"name": c.name, "arguments": c.arguments} for c in s.calls]
-            turns.append({"from": "function_call", "value": canonical_json(calls[0] if len(calls) == 1 else calls)})
+            value = canonical_json(calls[0] if len(calls) == 1 else calls)
+            if s.plan:  # read back as the call turn's reasoning (readers.read_sharegpt)
+                value = f"<think>\n{s.plan}\n</think>\n\n{value}"
+            turns.append({"from": "function_call", "value": value})
             turns += [{"from": "observation", "value": c.observation} for c in s.calls]
         if t.answer is not None:
             turns.append({"from": "gpt", "value": t.answer})
