@@ -257,3 +257,67 @@ def test_metrics_on_hand_made_predictions():
     assert m["general_rouge_l"] == pytest.approx(0.75)
     table = comparison_table({"tool_name_accuracy": 0.1}, m)
     assert "tool_name_accuracy" in table and "+0.400" in table and "general_rouge_l" in table
+
+
+# ----------------------------------------------------------------------------- serve: reasoning and content
+
+PLANNED = ("<think>\nCheapest flight first, then its price times 6.\n</think>\n\n"
+           "<tool_call>\nsearch_flights\norigin: Oslo\ndestination: Rome\ndate: 2025-03-01\n</tool_call>")
+
+
+def stream_through_gate(text: str, template: str, with_tools: bool, final: bool) -> tuple[str, str]:
+    """Feed ``text`` a character at a time, as tokens arrive; then what a turn without calls sends last."""
+    from agenttune.inference.generate import Completion
+    from agenttune.inference.serve import ContentGate, message_of
+
+    gate = ContentGate(template, with_tools)
+    reasoning = content = ""
+    for ch in text:
+        r, c = gate.feed(ch)
+        reasoning, content = reasoning + r, content + c
+    if final:
+        message, _ = message_of(Completion(text, "stop", None, 1, 1), template, with_tools)
+        r, c = gate.rest(message, text)
+        reasoning, content = reasoning + r, content + c
+    return reasoning, content
+
+
+def test_serve_returns_a_plan_before_calls_as_reasoning_and_reads_it_back():
+    from agenttune.inference.generate import Completion
+    from agenttune.inference.serve import ChatRequest, message_of, to_conversation
+
+    message, finish = message_of(Completion(PLANNED, "stop", None, 1, 1), "chatml_kv", True)
+    assert finish == "tool_calls" and message["content"] is None
+    assert message["reasoning_content"] == "Cheapest flight first, then its price times 6."
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"])["origin"] == "Oslo"
+    # The client sends the message back with the tool's result: the plan is in the next prompt.
+    tool = {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "{}"}
+    conv = to_conversation(ChatRequest(messages=[{"role": "user", "content": "6 people, Oslo to Rome?"}, message, tool],
+                                       tools=[{"type": "function", "function": {"name": "search_flights"}}]))
+    assert conv.messages[1].reasoning == "Cheapest flight first, then its price times 6."
+    assert "<think>\nCheapest flight first" in get_template("chatml_kv").render_text(conv, add_generation_prompt=True)
+    # Streamed: the plan as reasoning deltas, no content (the calls go out whole at the end).
+    assert stream_through_gate(PLANNED, "chatml_kv", True, final=False) == (
+        "Cheapest flight first, then its price times 6.", "")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<think>\nAll done.\n</think>\n\nIt is 84.", ("All done.", "It is 84.")),
+    ("It is 84.", ("", "It is 84.")),
+    ("<b>84</b>", ("", "<b>84</b>")),  # opens like <think>, then is not
+    ("<think>\nStill thinking", ("Still thinking", "")),  # ran out of tokens inside the reasoning
+    ("<think>Two\nlines</think>84.", ("Two\nlines", "84.")),  # written without the template's newlines
+])
+def test_serve_streams_reasoning_apart_from_an_answer(text, expected):
+    from agenttune.inference.generate import Completion
+    from agenttune.inference.serve import message_of
+
+    assert stream_through_gate(text, "chatml_kv", True, final=True) == expected
+    message, _ = message_of(Completion(text, "stop", None, 1, 1), "chatml_kv", True)
+    if expected[0] and "</think>" in text:
+        assert (message.get("reasoning_content"), message["content"]) == expected
+
+
+def test_serve_without_tools_returns_the_text_as_written():
+    text = "<think>\nx\n</think>\n\nHi."
+    assert stream_through_gate(text, "chatml_kv", False, final=True) == ("", text)

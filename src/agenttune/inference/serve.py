@@ -4,7 +4,10 @@
     POST /v1/chat/completions   messages, tools, stop, temperature, top_p, max_tokens, seed, stream
 
 Requests are rendered with the training template. When a request declares ``tools``, the
-model's calls come back as OpenAI ``tool_calls`` (``finish_reason: "tool_calls"``); without
+model's calls come back as OpenAI ``tool_calls`` (``finish_reason: "tool_calls"``), and the
+``<think>`` reasoning a ChatML-family turn opens with as ``reasoning_content`` (streamed as
+``reasoning_content`` deltas), which the server reads back from the history it is sent: a model
+that plans before its first call sees its plan at the next step, as in training. Without
 tools the text is returned as written, so ReAct clients can send ``stop=["Observation:"]`` and
 read the Action themselves (ms-swift's deploy workflow). One model serves one request at a time:
 others wait in a queue of ``max_queue``, beyond which they get 503. Bad requests get 400.
@@ -36,6 +39,9 @@ from agenttune.inference.parsing import parse_reply
 CALL_MARKERS = {"qwen": "<tool_call>", "chatml": "<tool_call>", "chatml_compact": "<tool_call>",
                 "chatml_kv": "<tool_call>", "llama3": "{",
                 "react": "Action:"}
+# Templates whose assistant turn may open with <think>...</think> (templates._chatml_assistant).
+THINKING = ("qwen", "chatml", "chatml_compact", "chatml_kv")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class ChatRequest(BaseModel):
@@ -108,12 +114,13 @@ def message_of(completion: Completion, template: str, with_tools: bool) -> tuple
     if not with_tools:
         return {"role": "assistant", "content": completion.text}, finish
     reply = parse_reply(template, completion.text)
+    reasoning = {"reasoning_content": reply.reasoning} if reply.reasoning and template in THINKING else {}
     if not reply.ok or not reply.tool_calls:
         content = completion.text if not reply.ok else (reply.final_answer if reply.final_answer is not None else reply.content)
-        return {"role": "assistant", "content": content}, finish
+        return {"role": "assistant", "content": content, **(reasoning if reply.ok else {})}, finish
     calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
               "function": {"name": c.name, "arguments": c.arguments}} for c in reply.tool_calls]
-    return {"role": "assistant", "content": reply.content or None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": reply.content or None, **reasoning, "tool_calls": calls}, "tool_calls"
 
 
 class ModelQueue:
@@ -136,22 +143,62 @@ class ModelQueue:
 
 
 class ContentGate:
-    """Which streamed text is content. Without tools, all of it. With tools, Hermes text up to
-    ``<tool_call>`` and Llama text that does not open with ``{``; ReAct text is held back whole,
-    because its content (the thought, or the final answer) is only known once the step is read."""
+    """Which streamed text is reasoning and which is content. Without tools, all of it is content.
+    With tools, a ChatML-family turn that opens with ``<think>`` streams what is inside as
+    reasoning; then content is Hermes text up to ``<tool_call>`` and Llama text that does not open
+    with ``{``. ReAct text is held back whole, because its content (the thought, or the final
+    answer) is only known once the step is read."""
 
     def __init__(self, template: str, with_tools: bool):
         self.marker = CALL_MARKERS[template] if with_tools else None
         self.hold_all = with_tools and template == "react"
+        self.thinks = with_tools and template in THINKING
         self.text, self.sent, self.closed = "", 0, False
+        self.body: int | None = None if self.thinks else 0
+        """Where the text after the reasoning starts; None while the turn may still open with it."""
+        self.thought = 0  # how much of the reasoning went out: an index into text
 
-    def feed(self, piece: str) -> str:
+    def feed(self, piece: str) -> tuple[str, str]:
+        """(reasoning, content) to send for a new piece of text."""
         self.text += piece
+        reasoning = self._reasoning() if self.body is None else ""
+        return reasoning, ("" if self.body is None else self._content())
+
+    def _reasoning(self) -> str:
+        head = self.text.lstrip()
+        if len(head) < len(THINK_OPEN) and THINK_OPEN.startswith(head):
+            return ""  # "<thi": not known yet
+        if not head.startswith(THINK_OPEN):
+            self.body = 0
+            return ""
+        start = len(self.text) - len(head) + len(THINK_OPEN)
+        if self.text[start:start + 1] == "\n":  # the template writes "<think>\n" ... "\n</think>"
+            start += 1
+        elif start == len(self.text):
+            return ""
+        end = self.text.find(THINK_CLOSE, start)
+        if end == -1:
+            stop = len(self.text) - held_back(self.text, [THINK_CLOSE])
+            if self.text[start:stop].endswith("\n"):
+                stop -= 1  # it may be the newline before </think>
+        else:
+            self.body = self.sent = end + len(THINK_CLOSE)
+            stop = end - 1 if end > start and self.text[end - 1] == "\n" else end
+        out = self.text[max(start, self.thought):stop]
+        self.thought = max(self.thought, stop)
+        return out
+
+    def _content(self) -> str:
         if self.marker is None:
-            self.sent = len(self.text)
-            return piece
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
         if self.closed or self.hold_all:
             return ""
+        if self.sent == self.body and self.body > 0:  # the blank line after the reasoning is not content
+            rest = self.text[self.sent:]
+            if not rest.strip():
+                return ""
+            self.sent = self.body = len(self.text) - len(rest.lstrip())
         if self.marker == "{":  # llama3: a call is the whole turn
             stripped = self.text.lstrip()
             if not stripped:
@@ -159,12 +206,26 @@ class ContentGate:
             self.closed = stripped.startswith("{") or stripped.startswith("<|python_tag|>")
             end = self.sent if self.closed else len(self.text)
         else:
-            at = self.text.find(self.marker)
+            at = self.text.find(self.marker, self.body)
             self.closed = at != -1
             end = at if self.closed else len(self.text) - held_back(self.text, [self.marker])
         out = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return out
+
+    def rest(self, message: dict, text: str) -> tuple[str, str]:
+        """(reasoning, content) left to send once the turn ended without calls; ``text`` is the
+        whole completion, which the streamer may not have passed on to its end."""
+        self.text = text
+        if self.hold_all:
+            return "", message["content"]
+        if self.body is None:  # ended inside the reasoning, or before it could open
+            if self.thought:
+                return self.text[self.thought:], ""
+            return "", self.text
+        if self.thinks and self.sent == self.body:
+            self.sent = len(self.text) - len(self.text[self.sent:].lstrip())
+        return "", self.text[self.sent:]
 
 
 def build_app(generator: Generator, model_name: str, max_queue: int) -> FastAPI:
@@ -234,15 +295,20 @@ async def _stream(generator: Generator, queue: ModelQueue, prompt: str, sampling
     gate = ContentGate(template, with_tools)
     yield chunk({"role": "assistant", "content": ""})
     while (piece := await pieces.get()) is not None:
-        if content := gate.feed(piece):
+        reasoning, content = gate.feed(piece)
+        if reasoning:
+            yield chunk({"reasoning_content": reasoning})
+        if content:
             yield chunk({"content": content})
     completion = await task
     message, finish = message_of(completion, template, with_tools)
     if finish == "tool_calls":
         yield chunk({"tool_calls": [{**call, "index": k} for k, call in enumerate(message["tool_calls"])]})
     else:
-        rest = message["content"] if gate.hold_all else completion.text[gate.sent :]
-        if rest:
-            yield chunk({"content": rest})
+        reasoning, content = gate.rest(message, completion.text)
+        if reasoning:
+            yield chunk({"reasoning_content": reasoning})
+        if content:
+            yield chunk({"content": content})
     yield chunk({}, finish)
     yield "[DONE]"
