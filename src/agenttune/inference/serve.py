@@ -108,12 +108,25 @@ def stop_words(request: ChatRequest) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def open_reasoning(text: str) -> str | None:
+    """The reasoning of a turn that opens with ``<think>`` and never closes it, as ContentGate
+    streams it (without the template's newline after ``<think>``); None for any other turn."""
+    head = text.lstrip()
+    if not head.startswith(THINK_OPEN) or THINK_CLOSE in head:
+        return None
+    body = head[len(THINK_OPEN):]
+    return body[1:] if body.startswith("\n") else body
+
+
 def message_of(completion: Completion, template: str, with_tools: bool) -> tuple[dict, str]:
     """(the OpenAI assistant message, finish_reason)."""
     finish = "length" if completion.finish_reason == "length" else "stop"
     if not with_tools:
         return {"role": "assistant", "content": completion.text}, finish
     reply = parse_reply(template, completion.text)
+    if template in THINKING and (unfinished := open_reasoning(completion.text)) is not None:
+        # Cut off (or stopped) inside its reasoning: what streaming sent as reasoning, no content.
+        return {"role": "assistant", "content": "", "reasoning_content": unfinished}, finish
     reasoning = {"reasoning_content": reply.reasoning} if reply.reasoning and template in THINKING else {}
     if not reply.ok or not reply.tool_calls:
         content = completion.text if not reply.ok else (reply.final_answer if reply.final_answer is not None else reply.content)
