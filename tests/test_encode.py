@@ -166,6 +166,32 @@ def test_after_call_weight_scales_the_token_that_follows_each_call(tiny_tokenize
         sup(after_call_weight=0)
 
 
+@pytest.mark.parametrize("template", ["qwen", "chatml_kv", "llama3", "react"])
+def test_name_weight_scales_the_tokens_of_each_called_function_name(tiny_tokenizer, template):
+    from agenttune.data.templates import get_template
+
+    conv = Conversation([
+        Message("user", "Weather in Paris, and then in Rome?"),
+        Message("assistant", "", tool_calls=[call("get_weather", city="Paris")]),
+        Message("tool", OBSERVATION),
+        Message("assistant", "", tool_calls=[call("get_weather", city="Rome")]),
+        Message("tool", OBSERVATION),
+        Message("assistant", "Both rainy; get_weather says so."),
+    ], tools=[WEATHER], origin="t.jsonl:1")
+    tpl = get_template(template)
+    plain = encode(conv, tiny_tokenizer, tpl, sup())
+    enc = encode(conv, tiny_tokenizer, tpl, sup(name_weight=3.0))
+    assert enc.input_ids == plain.input_ids and enc.labels == plain.labels
+    changed = [i for i, (a, b) in enumerate(zip(plain.weights, enc.weights)) if a != b]
+    assert all(enc.weights[i] == 3.0 * plain.weights[i] > 0 for i in changed)
+    # the two calls' names, and nothing else: not the arguments, not the name in the answer
+    runs = [tiny_tokenizer.decode([enc.input_ids[i] for i in group])
+            for group in np.split(np.array(changed), np.nonzero(np.diff(changed) > 1)[0] + 1)]
+    assert [r.strip().strip('"') for r in runs] == ["get_weather", "get_weather"], runs
+    with pytest.raises(ValueError, match="name_weight"):
+        sup(name_weight=0)
+
+
 def test_first_token_weight_scales_the_first_token_of_each_assistant_turn(tiny_tokenizer):
     conv = agent_conv()
     plain = encode(conv, tiny_tokenizer, QWEN, sup(loss_scale="hermes"))

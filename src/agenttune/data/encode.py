@@ -147,8 +147,27 @@ def after_call_chars(segments: list[Segment], seg_weights: list[float]) -> list[
     return ends
 
 
+NAME_KINDS = ("tool_call", "action")
+"""Segment kinds that hold a call's function name: a Hermes/Llama call, or ReAct's Action line."""
+
+
+def call_name_spans(segments: list[Segment], seg_weights: list[float], conv: Conversation) -> list[tuple[int, int]]:
+    """Char spans of the function name inside each trained tool-call segment: the first place
+    in the segment where one of its message's call names is written."""
+    spans, pos = [], 0
+    for seg, w in zip(segments, seg_weights):
+        if seg.role == "assistant" and seg.kind in NAME_KINDS and w > 0:
+            names = [c.name for c in conv.messages[seg.msg_index].tool_calls or []]
+            found = [(seg.text.find(n), -len(n)) for n in names if seg.text.find(n) >= 0]
+            if found:  # the earliest; of two names starting there ("search", "search_products") the longer
+                at, minus_len = min(found)
+                spans.append((pos + at, pos + at - minus_len))
+        pos += len(seg.text)
+    return spans
+
+
 def supervised_weights(offsets: np.ndarray, segments: list[Segment], seg_weights: list[float],
-                       sup: SupervisionConfig) -> np.ndarray:
+                       sup: SupervisionConfig, conv: Conversation | None = None) -> np.ndarray:
     """Per-token weights of a rendered conversation: :func:`token_weights`, then the first
     token of each assistant turn scaled by ``sup.first_token_weight`` and the first token after
     each tool call by ``sup.after_call_weight``."""
@@ -163,6 +182,11 @@ def supervised_weights(offsets: np.ndarray, segments: list[Segment], seg_weights
             t = int(np.searchsorted(ends, char, side="right"))  # the first token that ends past it
             if t < len(weights) and weights[t] > 0:
                 weights[t] *= factor
+    if sup.name_weight != 1.0 and conv is not None:
+        starts = offsets[:, 0]
+        for a, b in call_name_spans(segments, seg_weights, conv):
+            inside = (ends > a) & (starts < b) & (weights > 0)
+            weights[inside] *= sup.name_weight
     return weights
 
 
@@ -216,7 +240,7 @@ def _too_long(conv: Conversation, n_tokens: int, sup: SupervisionConfig) -> Data
 
 
 def _finish(conv, segments, seg_weights, ids, offsets, tokenizer, template, sup) -> Encoded:
-    weights = supervised_weights(offsets, segments, seg_weights, sup)
+    weights = supervised_weights(offsets, segments, seg_weights, sup, conv)
     if len(ids) > sup.max_length:
         if sup.truncation == "drop":
             raise _too_long(conv, len(ids), sup)
@@ -289,7 +313,7 @@ def _keep_turns(conv: Conversation, segments: list[Segment], offsets: np.ndarray
         [(ids, p_offsets)] = _tokenize(tokenizer, ["".join(s.text for s in p_segments)])
         if len(ids) > sup.max_length:
             continue
-        weights = supervised_weights(p_offsets, p_segments, p_weights, sup)
+        weights = supervised_weights(p_offsets, p_segments, p_weights, sup, prefix)
         if (weights > 0).any():
             return _build(ids, weights, conv.source, truncated=True)
     raise _too_long(conv, len(offsets), sup)

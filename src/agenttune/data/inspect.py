@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight multiplier of each assistant turn's first token (the call-or-answer decision)")
     p.add_argument("--after-call-weight", type=float, default=1.0,
                    help="weight multiplier of the first token after each tool call (another call, or the end of the turn)")
+    p.add_argument("--name-weight", type=float, default=1.0,
+                   help="weight multiplier of the tokens of each called function's name")
     p.add_argument("--index", type=int, action="append", help="sample index to show (repeatable)")
     p.add_argument("--limit", type=int, default=3, help="samples to show when no --index is given")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
         sup = SupervisionConfig(train_on=args.train_on, loss_scale=args.loss_scale, max_length=args.max_length,
                                 truncation=args.truncation, observation_weight=args.observation_weight,
                                 first_token_weight=args.first_token_weight,
-                                after_call_weight=args.after_call_weight)
+                                after_call_weight=args.after_call_weight,
+                                name_weight=args.name_weight)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,9 @@ class SupervisionConfig:
     """Multiplies the weight of the first trained token after each tool call of an assistant
     turn. In the `<tool_call>` templates (qwen, chatml, chatml_compact, chatml_kv) it decides between another
     parallel call (``\\n<tool_call>``) and ending the turn; in react it is the ``Observation:`` marker."""
+    name_weight: float = 1.0
+    """Multiplies the weight of the tokens of each trained tool call's function name: the tokens
+    that choose the tool."""
     observation_weight: float = 0.0
     """Weight of tool-result tokens. 0 means never trained."""
     reasoning_in_history: bool = True
@@ -49,7 +52,7 @@ class SupervisionConfig:
         _check("train_on", self.train_on, TRAIN_ON)
         _check("loss_scale", self.loss_scale, LOSS_SCALES)
         _check("truncation", self.truncation, TRUNCATION)
-        for name in ("first_token_weight", "after_call_weight"):
+        for name in ("first_token_weight", "after_call_weight", "name_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.observation_weight < 0:
