@@ -158,7 +158,7 @@ def call_name_spans(segments: list[Segment], seg_weights: list[float], conv: Con
     for seg, w in zip(segments, seg_weights):
         if seg.role == "assistant" and seg.kind in NAME_KINDS and w > 0:
             names = [c.name for c in conv.messages[seg.msg_index].tool_calls or []]
-            found = [(seg.text.find(n), -len(n)) for n in names if seg.text.find(n) >= 0]
+            found = [(at, -len(n)) for n in names if (at := seg.text.find(n)) >= 0]
             if found:  # the earliest; of two names starting there ("search", "search_products") the longer
                 at, minus_len = min(found)
                 spans.append((pos + at, pos + at - minus_len))
@@ -167,10 +167,11 @@ def call_name_spans(segments: list[Segment], seg_weights: list[float], conv: Con
 
 
 def supervised_weights(offsets: np.ndarray, segments: list[Segment], seg_weights: list[float],
-                       sup: SupervisionConfig, conv: Conversation | None = None) -> np.ndarray:
+                       sup: SupervisionConfig, conv: Conversation) -> np.ndarray:
     """Per-token weights of a rendered conversation: :func:`token_weights`, then the first
-    token of each assistant turn scaled by ``sup.first_token_weight`` and the first token after
-    each tool call by ``sup.after_call_weight``."""
+    token of each assistant turn scaled by ``sup.first_token_weight``, the first token after
+    each tool call by ``sup.after_call_weight``, and the tokens of each call's function name
+    (:func:`call_name_spans` of ``conv``, whose rendering ``segments`` is) by ``sup.name_weight``."""
     weights = token_weights(offsets, *_segment_arrays(segments, seg_weights))
     if not len(offsets):
         return weights
@@ -182,7 +183,7 @@ def supervised_weights(offsets: np.ndarray, segments: list[Segment], seg_weights
             t = int(np.searchsorted(ends, char, side="right"))  # the first token that ends past it
             if t < len(weights) and weights[t] > 0:
                 weights[t] *= factor
-    if sup.name_weight != 1.0 and conv is not None:
+    if sup.name_weight != 1.0:
         starts = offsets[:, 0]
         for a, b in call_name_spans(segments, seg_weights, conv):
             inside = (ends > a) & (starts < b) & (weights > 0)
