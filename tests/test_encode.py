@@ -132,12 +132,24 @@ def test_loss_scale_hermes_doubles_tool_calls(tiny_tokenizer):
     assert weight_of(enc, tiny_tokenizer, OBSERVATION) == {0.0}
 
 
+def tripled_tokens(conv, tokenizer, template: str, weight: str):
+    """``conv`` encoded with ``weight`` at 3.0, and the tokens whose weight that changed. The
+    tokens and labels stay those of the plain encoding, and each changed weight is exactly 3x."""
+    from agenttune.data.templates import get_template
+
+    tpl = get_template(template)
+    plain = encode(conv, tokenizer, tpl, sup())
+    enc = encode(conv, tokenizer, tpl, sup(**{weight: 3.0}))
+    assert enc.input_ids == plain.input_ids and enc.labels == plain.labels
+    changed = [i for i, (a, b) in enumerate(zip(plain.weights, enc.weights)) if a != b]
+    assert all(enc.weights[i] == 3.0 * plain.weights[i] > 0 for i in changed)
+    return enc, changed
+
+
 @pytest.mark.parametrize("template", ["qwen", "chatml_compact", "react"])
 def test_after_call_weight_scales_the_token_that_follows_each_call(tiny_tokenizer, template):
     """Two parallel calls: after the first comes the second (\n<tool_call>), after the second the
     end of the turn. In react one Action per step, followed by the Observation: marker."""
-    from agenttune.data.templates import get_template
-
     conv = Conversation([
         Message("user", "Weather in Paris and Rome?"),
         Message("assistant", "", tool_calls=[call("get_weather", city="Paris"), call("get_weather", city="Rome")]),
@@ -145,12 +157,7 @@ def test_after_call_weight_scales_the_token_that_follows_each_call(tiny_tokenize
         Message("assistant", "Both rainy."),
     ], tools=[{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
         origin="t.jsonl:1")
-    tpl = get_template(template)
-    plain = encode(conv, tiny_tokenizer, tpl, sup())
-    enc = encode(conv, tiny_tokenizer, tpl, sup(after_call_weight=3.0))
-    assert enc.input_ids == plain.input_ids and enc.labels == plain.labels
-    changed = [i for i, (a, b) in enumerate(zip(plain.weights, enc.weights)) if a != b]
-    assert all(enc.weights[i] == 3.0 * plain.weights[i] > 0 for i in changed)
+    enc, changed = tripled_tokens(conv, tiny_tokenizer, template, "after_call_weight")
     # the token before each changed one closes a call
     closing = [tiny_tokenizer.decode(enc.input_ids[max(0, i - 3):i]) for i in changed]
     if template == "react":
@@ -168,8 +175,6 @@ def test_after_call_weight_scales_the_token_that_follows_each_call(tiny_tokenize
 
 @pytest.mark.parametrize("template", ["qwen", "chatml_kv", "llama3", "react"])
 def test_name_weight_scales_the_tokens_of_each_called_function_name(tiny_tokenizer, template):
-    from agenttune.data.templates import get_template
-
     conv = Conversation([
         Message("user", "Weather in Paris, and then in Rome?"),
         Message("assistant", "", tool_calls=[call("get_weather", city="Paris")]),
@@ -178,12 +183,7 @@ def test_name_weight_scales_the_tokens_of_each_called_function_name(tiny_tokeniz
         Message("tool", OBSERVATION),
         Message("assistant", "Both rainy; get_weather says so."),
     ], tools=[WEATHER], origin="t.jsonl:1")
-    tpl = get_template(template)
-    plain = encode(conv, tiny_tokenizer, tpl, sup())
-    enc = encode(conv, tiny_tokenizer, tpl, sup(name_weight=3.0))
-    assert enc.input_ids == plain.input_ids and enc.labels == plain.labels
-    changed = [i for i, (a, b) in enumerate(zip(plain.weights, enc.weights)) if a != b]
-    assert all(enc.weights[i] == 3.0 * plain.weights[i] > 0 for i in changed)
+    enc, changed = tripled_tokens(conv, tiny_tokenizer, template, "name_weight")
     # the two calls' names, and nothing else: not the arguments, not the name in the answer
     runs = [tiny_tokenizer.decode([enc.input_ids[i] for i in group])
             for group in np.split(np.array(changed), np.nonzero(np.diff(changed) > 1)[0] + 1)]
