@@ -161,6 +161,51 @@ def test_flights_answers_quote_the_count_and_the_first_flight(out):
     assert answers >= 3
 
 
+# ----------------------------------------------------------------------------- answer wording
+# A model learns the answer sentences from few examples of each; where two of them part ways only
+# late, or on a token that does not say which way, the held-out answers took the wrong one.
+
+
+def test_no_answer_goes_on_where_another_ends():
+    """The closing words of one answer never sit inside another with more after them: the Chinese
+    refusal and greeting both listed the tools, the greeting then asked a question, and refusals
+    went on with it."""
+    for lang in synth.LANGS:
+        texts = {task: t[lang] for task, t in synth.ANSWERS.items()}
+        for a, ta in texts.items():
+            tail = re.split(r"\{\w+\}", ta)[-1]  # the words after the last value
+            for b, tb in texts.items():
+                for k in range(12, len(tail) + 1) if a != b else ():
+                    at = tb.find(tail[-k:])
+                    assert at < 0 or at + k == len(tb), (lang, a, b, tail[-k:])
+
+
+def test_the_languages_part_at_the_first_token():
+    """Where both languages open an answer with a value, it is the same value: a count of 2 and a
+    date in 2025 both begin with the token 2, and Chinese flight answers that opened with the date
+    went on in English ("2 flights from ...")."""
+    for task, t in synth.ANSWERS.items():
+        first = {lang: re.match(r"\{(\w+)\}", t[lang]) for lang in synth.LANGS}
+        if all(first.values()):
+            assert len({m.group(1) for m in first.values()}) == 1, task
+
+
+def test_a_conversion_is_worded_alike_in_every_answer():
+    """convert and total both state a converted amount; with two verbs for it (等于 and 是) each
+    task's answers took the other's."""
+    for lang in synth.LANGS:
+        verb = re.search(r"\{from_unit\}(.*?)\{result\}", synth.ANSWERS["convert"][lang]).group(1)
+        assert re.search(r"\{u1\}(.*?)\{converted\}", synth.ANSWERS["total"][lang]).group(1) == verb, lang
+
+
+def test_the_aisle_answer_writes_its_category_after_a_space():
+    """A word opening a text is other tokens than the same word after a space (SmolLM2: `bakery`
+    is b·ak·ery, ` bakery` one token). The question and the call write the category after a space,
+    so the answer does too: one that opened with it wrote the held-out `bakery` as "baking"."""
+    for lang in synth.LANGS:
+        assert " {category}" in synth.ANSWERS["aisle"][lang], lang
+
+
 # ----------------------------------------------------------------------------- what the set covers
 
 
