@@ -36,10 +36,10 @@ The held-out split never shares a prompt phrasing (template id) or an entity (ci
 SKU, aisle, date, number) with training: entity pools are partitioned up front
 (:func:`agent_pools`) and the phrasing tables are split by hand. Final-answer sentences are
 shared, because a model cannot be asked to produce a sentence shape it never saw. They are
-worded so that one is not taken for another: no answer goes on where another ends, the two
-languages never open one answer with two different values (a count of 2 and a date in 2025 both
-start with the token 2), a clause is worded alike wherever it appears, and the aisle's category
-keeps the space before it, and so the tokens it has in the question.
+worded so that one is not taken for another: no answer goes on where another ends, every Chinese
+answer opens with a Chinese word (the language is chosen at the first token, not after a value
+both languages would open with), a clause is worded alike wherever it appears, and the aisle's
+category keeps the space before it, and so the tokens it has in the question.
 General held-out items are (question, entities) never seen in training; capitals are facts,
 so held-out capital questions ask countries seen in training with unseen phrasings.
 
@@ -421,25 +421,25 @@ ANSWERS: dict[str, dict[str, str]] = {
               "zh": "你好！需要什么帮助？我可以查天气、航班、商品、日期，换算单位和做计算。"},
     "cannot": {"en": "Sorry, I can't do that. My tools cover weather, flights, groceries, dates, units and arithmetic.",
                "zh": "抱歉，我做不到。我的工具只能查天气、航班、商品、日期，换算单位和做计算。"},
-    "calc": {"en": "{expr} = {result}.", "zh": "{expr} 等于 {result}。"},
-    "convert": {"en": "{value} {from_unit} is {result} {to_unit}.", "zh": "{value} {from_unit} 等于 {result} {to_unit}。"},
-    "weather": {"en": "{city} on {date}: {condition}, {temp_c}°C.", "zh": "{city} {date}：{condition_zh}，{temp_c}°C。"},
+    "calc": {"en": "{expr} = {result}.", "zh": "计算：{expr} 等于 {result}。"},
+    "convert": {"en": "{value} {from_unit} is {result} {to_unit}.", "zh": "换算：{value} {from_unit} 等于 {result} {to_unit}。"},
+    "weather": {"en": "{city} on {date}: {condition}, {temp_c}°C.", "zh": "天气：{city} {date}，{condition_zh}，{temp_c}°C。"},
     "days": {"en": "There are {days} days from {start} to {end}.", "zh": "从 {start} 到 {end} 共 {days} 天。"},
     "aisle": {"en": "In the {category} aisle: {names}.", "zh": "我们的 {category} 类有：{names}。"},
     "flights": {"en": "{count} flights from {origin} to {destination} on {date}; the cheapest is {flight} "
                       "at {depart} for ${price}.",
                 "zh": "从 {origin} 到 {destination}，{date} 有 {count} 个航班，最便宜的是 {flight}，{depart} 起飞，{price} 美元。"},
-    "price": {"en": "{name} ({sku}) costs ${price} per {unit}.", "zh": "{name}（{sku}）每 {unit} {price} 美元。"},
+    "price": {"en": "{name} ({sku}) costs ${price} per {unit}.", "zh": "价格：{name}（{sku}）每 {unit} {price} 美元。"},
     "temp_f": {"en": "{city} on {date}: {temp_c}°C, which is {temp_f}°F.",
-               "zh": "{city} {date} 气温 {temp_c}°C，即 {temp_f}°F。"},
+               "zh": "天气：{city} {date}，{temp_c}°C，即 {temp_f}°F。"},
     "trip_cost": {"en": "The cheapest is {flight} at ${price} per person; for {n} people that is ${total}.",
                   "zh": "最便宜的是 {flight}，每人 {price} 美元，{n} 人共 {total} 美元。"},
     "total": {"en": "{a} {u1} is {converted} {u2}, so the total is {total} {u2}.",
-              "zh": "{a} {u1} 等于 {converted} {u2}，合计 {total} {u2}。"},
+              "zh": "换算：{a} {u1} 等于 {converted} {u2}，合计 {total} {u2}。"},
     "weather_pair": {"en": "{city} on {date}: {condition}, {temp_c}°C; {city2}: {condition2}, {temp_c2}°C.",
-                     "zh": "{city} {date}：{condition_zh}，{temp_c}°C；{city2}：{condition2_zh}，{temp_c2}°C。"},
+                     "zh": "天气：{city} {date}，{condition_zh}，{temp_c}°C；{city2}，{condition2_zh}，{temp_c2}°C。"},
     "price_pair": {"en": "{name} ({sku}) costs ${price} and {name2} ({sku2}) costs ${price2}.",
-                   "zh": "{name}（{sku}）{price} 美元，{name2}（{sku2}）{price2} 美元。"},
+                   "zh": "价格：{name}（{sku}）{price} 美元，{name2}（{sku2}）{price2} 美元。"},
     "in_stock": {"en": "Yes, {name} is in stock: {in_stock} left.", "zh": "有货，{name} 还剩 {in_stock} 件。"},
     "out_of_stock": {"en": "No, {name} is out of stock.", "zh": "没有，{name} 已经缺货。"},
     "failed": {"en": "Sorry, I could not find that.", "zh": "抱歉，我没能查到。"},
